@@ -1,0 +1,19 @@
+//! Shared helpers for vmpod's end-to-end tests (`tests/tests/*.rs`).
+//!
+//! Artifacts: the guest kernel and initramfs are in `build/guest/` at the
+//! repository root (built by `make guest`).
+
+use std::path::PathBuf;
+
+/// Repository root (the workspace directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `build/` under the repository root.
+pub fn build_dir() -> PathBuf {
+    repo_root().join("build")
+}
