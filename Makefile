@@ -37,6 +37,7 @@ run: build
 	$(VMPOD) serve
 
 test: deps guest tools
+	$(CARGO) build -p vmpod
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 test-unit: deps

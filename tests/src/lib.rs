@@ -17,3 +17,17 @@ pub fn repo_root() -> PathBuf {
 pub fn build_dir() -> PathBuf {
     repo_root().join("build")
 }
+
+/// The `vmpod` binary the tests drive (`make test` builds it first).
+pub fn vmpod_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("vmpod");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("vmpod binary not found under {}: run `cargo build -p vmpod` first", target.display());
+}
