@@ -1,155 +1,150 @@
 //! vmpod-images: registry client, content-addressed store, layer unpack and
 //! image metadata. No gRPC types here; `vmpod-cri` converts.
 //!
-//! The API below is the contract the CRI layer codes against. Bodies are
-//! being built; until then every call returns [`ImageError::Unimplemented`].
+//! Layout under the store root (see `docs/images.md`):
+//!
+//! ```text
+//! <root>/blobs/sha256/<hex>   verified blobs (manifests, configs, compressed layers)
+//! <root>/layers/<diff hex>/   one unpacked directory per layer (overlayfs lowerdir form)
+//! <root>/meta.redb            image metadata (redb)
+//! <root>/tmp/, trash/         in-flight downloads / garbage being deleted
+//! ```
+//!
+//! Modules: [`reference`] (normalisation), `registry` (oci-client wrapper,
+//! mirrors, auth), `content` (blob store), [`unpack`] (tar -> layer dir),
+//! `meta` (redb), `pull` (one pull), `store` (shared state, GC).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod content;
+mod error;
+mod meta;
+mod pull;
+pub mod reference;
+mod registry;
+mod store;
+mod types;
+pub mod unpack;
 
-/// Credentials from the CRI `AuthConfig`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Auth {
-    pub username: String,
-    pub password: String,
-    /// base64("user:pass"), as kubelet sometimes sends it.
-    pub auth: String,
-    pub identity_token: String,
-    pub registry_token: String,
-}
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Registry settings (from the daemon config).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RegistryConfig {
-    /// Registry hosts (host[:port]) that may be reached over plain HTTP.
-    /// `localhost` and `127.0.0.1` always may.
-    pub insecure: Vec<String>,
-    /// Per registry host: mirrors to try first, in order (e.g.
-    /// `registry.k8s.io` -> [`http://127.0.0.1:5000`]).
-    pub mirrors: BTreeMap<String, Vec<Mirror>>,
-}
+use futures_util::FutureExt;
+use tracing::info;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mirror {
-    /// `host[:port]`, optionally with an `http://` / `https://` scheme.
-    pub endpoint: String,
-    /// When set on any mirror of a host, the original host is never contacted.
-    pub mirror_only: bool,
-}
+pub use error::{ImageError, Result};
+pub use reference::ImageRef;
+pub use types::{Auth, FsUsage, ImageFilter, ImageRecord, Mirror, PullStats, RegistryConfig};
 
-/// One stored image, as the CRI layer needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRecord {
-    /// `sha256:<config digest>` (the image ID, as containerd reports it).
-    pub id: String,
-    /// Normalised, e.g. `docker.io/library/busybox:latest`.
-    pub repo_tags: Vec<String>,
-    /// e.g. `docker.io/library/busybox@sha256:...` (manifest digest).
-    pub repo_digests: Vec<String>,
-    /// Sum of compressed layer sizes + config + manifest (what containerd reports).
-    pub size: u64,
-    /// From the image config `User`: numeric uid if numeric, else username.
-    pub uid: Option<i64>,
-    pub username: String,
-    /// Raw OCI image config JSON (for `verbose` and for building container specs).
-    pub config_json: String,
-    /// Layer diff IDs in order (bottom first).
-    pub layers: Vec<String>,
-    /// Unpacked layer directories (bottom first), usable as overlayfs lowerdirs.
-    pub layer_dirs: Vec<PathBuf>,
-}
-
-/// Bytes and inodes used by the image store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FsUsage {
-    pub timestamp_ns: i64,
-    pub used_bytes: u64,
-    pub inodes_used: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    /// Unparseable reference.
-    #[error("invalid image reference {reference:?}: {reason}")]
-    InvalidReference { reference: String, reason: String },
-    /// Registry says the image or tag does not exist, or it is not stored.
-    #[error("image {0:?} not found")]
-    NotFound(String),
-    /// Registry refused our credentials.
-    #[error("unauthorized pulling {reference:?}: {reason}")]
-    Unauthorized { reference: String, reason: String },
-    /// A blob's content does not match its digest.
-    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
-    DigestMismatch {
-        what: String,
-        expected: String,
-        actual: String,
-    },
-    /// The image is in use and cannot be removed (later: by containers).
-    #[error("image {0} is in use")]
-    InUse(String),
-    #[error("registry error for {reference:?}: {reason}")]
-    Registry { reference: String, reason: String },
-    #[error("image store error during {op}: {reason}")]
-    Store { op: String, reason: String },
-    #[error("not implemented yet: {0}")]
-    Unimplemented(&'static str),
-}
-
-pub type Result<T> = std::result::Result<T, ImageError>;
-
-/// Filter for `list`.
-#[derive(Debug, Clone, Default)]
-pub struct ImageFilter {
-    /// Match by ID, tag, digest or short name (as `status` resolves it).
-    pub image: Option<String>,
-}
+use error::StoreContext;
+use store::Inner;
 
 /// The image service: owns `<root>` (content store, unpacked layers, metadata).
 /// Cheap to clone-share behind an `Arc`; all methods take `&self`.
+/// `list`, `status`, `remove` and `fs_usage` do blocking file I/O (they are
+/// quick, but `remove` deletes layer trees and `fs_usage` walks the store);
+/// call them from `spawn_blocking` on a busy runtime.
 pub struct ImageStore {
-    #[allow(dead_code)]
-    root: PathBuf,
-    #[allow(dead_code)]
-    registries: RegistryConfig,
+    inner: Arc<Inner>,
 }
 
 impl ImageStore {
-    /// Open (or create) the store under `root`.
+    /// Open (or create) the store under `root`. Leftovers of an interrupted
+    /// pull (temp files, unreferenced blobs and layers) are removed.
     pub fn open(root: &Path, registries: RegistryConfig) -> Result<Self> {
-        Ok(ImageStore {
-            root: root.to_path_buf(),
-            registries,
+        let inner = Inner::open(root, registries)?;
+        Ok(ImageStore { inner })
+    }
+
+    /// Pull `reference` (tag, digest or short name); returns the stored image.
+    /// Concurrent pulls of the same reference share one download (the pull
+    /// runs in its own task, so it completes even if the caller goes away).
+    /// Must be called within a tokio runtime.
+    pub async fn pull(&self, reference: &str, auth: Option<Auth>) -> Result<ImageRecord> {
+        let r = ImageRef::parse(reference)?;
+        let key = r.to_string();
+        let fut = {
+            let mut pulls = self.inner.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = pulls.get(&key) {
+                self.inner.stat_joined.fetch_add(1, Ordering::Relaxed);
+                info!(image = %key, "joining pull already in progress");
+                f.clone()
+            } else {
+                let inner = self.inner.clone();
+                let k = key.clone();
+                let task = tokio::spawn(async move {
+                    let res = pull::pull(inner.clone(), r, auth).await;
+                    inner
+                        .pulls
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&k);
+                    res
+                });
+                let f = async move { task.await.ctx(|| "pull task".into())? }
+                    .boxed()
+                    .shared();
+                pulls.insert(key, f.clone());
+                f
+            }
+        };
+        fut.await
+    }
+
+    /// All images, or those matching `filter.image` (resolved as `status` does).
+    pub fn list(&self, filter: &ImageFilter) -> Result<Vec<ImageRecord>> {
+        if let Some(f) = filter.image.as_deref().filter(|s| !s.is_empty()) {
+            return Ok(self.status(f)?.into_iter().collect());
+        }
+        let mut metas = self.inner.meta.all()?;
+        metas.sort_by(|a, b| a.pulled_at_ns.cmp(&b.pulled_at_ns).then(a.id.cmp(&b.id)));
+        metas.iter().map(|m| self.inner.record(m)).collect()
+    }
+
+    /// Resolve by ID (`sha256:<hex>` or `<hex>`), tag, digest reference,
+    /// short name (`busybox` = `docker.io/library/busybox:latest`) or unique
+    /// ID prefix; `Ok(None)` if absent.
+    pub fn status(&self, reference: &str) -> Result<Option<ImageRecord>> {
+        match self.inner.resolve(reference)? {
+            Some(m) => Ok(Some(self.inner.record(&m)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Remove by ID, tag or digest. As containerd's CRI does, the whole image
+    /// goes (all its tags and digests), whichever name was given. Removing an
+    /// absent image is `Ok(())` (CRI semantics). Blobs and layers no other
+    /// image uses are deleted; shared ones are kept.
+    pub fn remove(&self, reference: &str) -> Result<()> {
+        let Some(m) = self.inner.resolve(reference)? else {
+            return Ok(());
+        };
+        self.inner.meta.remove(&m.id)?;
+        info!(id = %m.id, tags = ?m.repo_tags, "image removed");
+        self.inner.gc()
+    }
+
+    /// Bytes (allocated blocks) and inodes used under the store root.
+    pub fn fs_usage(&self) -> Result<FsUsage> {
+        let (used_bytes, inodes_used) = unpack::tree_usage(&self.inner.root)
+            .ctx(|| format!("measure {}", self.inner.root.display()))?;
+        Ok(FsUsage {
+            timestamp_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0),
+            used_bytes,
+            inodes_used,
         })
     }
 
-    /// Pull `reference` (tag, digest or short name); returns the image ID.
-    /// Concurrent pulls of the same reference share one download.
-    pub async fn pull(&self, _reference: &str, _auth: Option<Auth>) -> Result<ImageRecord> {
-        Err(ImageError::Unimplemented("pull"))
-    }
-
-    pub fn list(&self, _filter: &ImageFilter) -> Result<Vec<ImageRecord>> {
-        Err(ImageError::Unimplemented("list"))
-    }
-
-    /// Resolve by ID, tag, digest or short name; `Ok(None)` if absent.
-    pub fn status(&self, _reference: &str) -> Result<Option<ImageRecord>> {
-        Err(ImageError::Unimplemented("status"))
-    }
-
-    /// Remove by ID, tag or digest. Removing an absent image is `Ok(())`
-    /// (CRI semantics). Layers shared with other images are kept.
-    pub fn remove(&self, _reference: &str) -> Result<()> {
-        Err(ImageError::Unimplemented("remove"))
-    }
-
-    pub fn fs_usage(&self) -> Result<FsUsage> {
-        Err(ImageError::Unimplemented("fs_usage"))
+    /// Counters since open: pulls, joined pulls, blobs and bytes downloaded.
+    pub fn stats(&self) -> PullStats {
+        self.inner.stats()
     }
 
     /// Mountpoint reported in `ImageFsInfo`.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.inner.root
     }
 }

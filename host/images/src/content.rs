@@ -1,0 +1,196 @@
+//! Content-addressed blob store: `<root>/blobs/sha256/<hex>`.
+//!
+//! A blob reaches its final path only after its bytes were hashed, matched
+//! against the expected digest, fsynced and renamed from `<root>/tmp/`; so
+//! "the file exists" means "the blob is complete and verified".
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{ImageError, Result, StoreContext};
+use crate::reference::validate_digest;
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub struct ContentStore {
+    blobs: PathBuf,
+    tmp: PathBuf,
+}
+
+impl ContentStore {
+    /// Create the directories; drop leftovers of interrupted downloads.
+    pub fn open(root: &Path) -> Result<Self> {
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&blobs).ctx(|| format!("create {}", blobs.display()))?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).ctx(|| format!("clean {}", tmp.display()))?;
+        }
+        fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        Ok(ContentStore { blobs, tmp })
+    }
+
+    #[cfg(test)]
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// A fresh unique path under `tmp/`.
+    pub fn tmp_path(&self, hint: &str) -> PathBuf {
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{hint}-{}-{n}", std::process::id()))
+    }
+
+    pub fn path(&self, digest: &str) -> Result<PathBuf> {
+        validate_digest(digest).map_err(|e| ImageError::store("blob path", e))?;
+        Ok(self.blobs.join(&digest["sha256:".len()..]))
+    }
+
+    pub fn exists(&self, digest: &str) -> bool {
+        self.path(digest).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
+        let p = self.path(digest)?;
+        fs::read(&p).ctx(|| format!("read blob {}", p.display()))
+    }
+
+    /// Store `data` if it hashes to `digest`; `DigestMismatch` otherwise.
+    pub fn write_bytes(&self, what: &str, digest: &str, data: &[u8]) -> Result<()> {
+        if self.exists(digest) {
+            return Ok(());
+        }
+        let mut w = self.writer(what, digest)?;
+        w.write(data)?;
+        w.commit().map(|_| ())
+    }
+
+    /// A writer for one blob; nothing is visible until [`BlobWriter::commit`].
+    pub fn writer(&self, what: &str, digest: &str) -> Result<BlobWriter> {
+        let final_path = self.path(digest)?;
+        let tmp = self.tmp_path(&digest["sha256:".len()..][..12]);
+        let file = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        Ok(BlobWriter {
+            what: what.to_string(),
+            expected: digest.to_string(),
+            hasher: Sha256::new(),
+            file: Some(file),
+            tmp,
+            final_path,
+            written: 0,
+        })
+    }
+
+    /// Digests of every stored blob.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.blobs).ctx(|| format!("list {}", self.blobs.display()))? {
+            let e = e.ctx(|| "list blobs".to_string())?;
+            if let Some(name) = e.file_name().to_str() {
+                out.push(format!("sha256:{name}"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Hashes while writing to a temp file; `commit` verifies, fsyncs, renames.
+pub struct BlobWriter {
+    what: String,
+    expected: String,
+    hasher: Sha256,
+    file: Option<File>,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    written: u64,
+}
+
+impl BlobWriter {
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        let f = self.file.as_mut().expect("file open until commit");
+        f.write_all(chunk)
+            .ctx(|| format!("write {}", self.tmp.display()))
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub fn commit(mut self) -> Result<u64> {
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if actual != self.expected {
+            return Err(ImageError::DigestMismatch {
+                what: self.what.clone(),
+                expected: self.expected.clone(),
+                actual,
+            });
+        }
+        let f = self.file.take().expect("file open until commit");
+        f.sync_all()
+            .ctx(|| format!("fsync {}", self.tmp.display()))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.final_path)
+            .ctx(|| format!("rename into {}", self.final_path.display()))?;
+        if let Some(dir) = self.final_path.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(self.written)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            // Not committed (error or mismatch): leave nothing behind.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("fsync dir {}", dir.display()))
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verified_write_and_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(dir.path()).unwrap();
+        let d = sha256_digest(b"hello");
+        cs.write_bytes("test", &d, b"hello").unwrap();
+        assert_eq!(cs.read(&d).unwrap(), b"hello");
+        let other = sha256_digest(b"other");
+        match cs.write_bytes("test", &other, b"hello") {
+            Err(ImageError::DigestMismatch {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, other);
+                assert_eq!(actual, d);
+            }
+            r => panic!("expected mismatch, got {r:?}"),
+        }
+        assert!(!cs.exists(&other));
+        assert_eq!(
+            fs::read_dir(cs.tmp_dir()).unwrap().count(),
+            0,
+            "temp file left"
+        );
+        assert_eq!(cs.list().unwrap(), vec![d]);
+    }
+}

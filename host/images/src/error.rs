@@ -1,0 +1,62 @@
+//! The crate's one error type. The CRI layer maps variants to gRPC codes.
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ImageError {
+    /// Unparseable reference.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    /// Registry says the image or tag does not exist, or it is not stored.
+    #[error("image {0:?} not found")]
+    NotFound(String),
+    /// Registry refused our credentials (or wants some and we gave none).
+    #[error("unauthorized pulling {reference:?}: {reason}")]
+    Unauthorized { reference: String, reason: String },
+    /// A blob's content does not match its digest (nothing is stored).
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// The image is in use and cannot be removed (later: by containers).
+    #[error("image {0} is in use")]
+    InUse(String),
+    /// Any other registry or transport failure (connection refused, bad
+    /// manifest, unsupported media type, no linux/amd64 entry...).
+    #[error("registry error for {reference:?}: {reason}")]
+    Registry { reference: String, reason: String },
+    /// Local storage failure (disk, metadata database, unpack).
+    #[error("image store error during {op}: {reason}")]
+    Store { op: String, reason: String },
+    #[error("not implemented yet: {0}")]
+    Unimplemented(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+impl ImageError {
+    pub(crate) fn store(op: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        ImageError::Store {
+            op: op.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn registry(reference: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        ImageError::Registry {
+            reference: reference.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// `io::Result` -> `ImageError::Store` with the operation and path as context.
+pub(crate) trait StoreContext<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> StoreContext<T> for std::result::Result<T, E> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| ImageError::store(op(), e))
+    }
+}

@@ -1,0 +1,410 @@
+//! Talking to registries, on top of `oci-client`: endpoint selection
+//! (mirrors, plain HTTP), credentials, manifests and blob streams, and
+//! mapping `oci-client` errors onto [`ImageError`].
+//!
+//! Endpoints for a reference are: each configured mirror of its registry
+//! host, in order, then the original host unless a mirror has
+//! `mirror_only`. The first endpoint that serves the manifest is used for
+//! the whole pull. Mirrors are addressed with `oci-client`'s mirror support
+//! (the original host goes along only as the `?ns=` query parameter; no
+//! connection is made to it).
+
+use base64::Engine as _;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{manifest, Client, Reference, RegistryOperation};
+use tracing::{debug, info, warn};
+
+use crate::content::BlobWriter;
+use crate::error::{ImageError, Result};
+use crate::reference::ImageRef;
+use crate::types::{Auth, RegistryConfig};
+
+/// Manifest media types we accept.
+pub const MANIFEST_TYPES: &[&str] = &[
+    manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+    manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+    manifest::OCI_IMAGE_MEDIA_TYPE,
+    manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+];
+
+/// One place we may pull from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host[:port]` to connect to.
+    pub host: String,
+    pub plain_http: bool,
+    pub mirror: bool,
+}
+
+/// Is `host[:port]` a loopback name that always gets plain HTTP?
+fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    name == "localhost" || name == "::1" || name.starts_with("127.")
+}
+
+/// The endpoints to try for `registry`, in order.
+pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> {
+    let insecure = |h: &str| is_loopback(h) || cfg.insecure.iter().any(|i| i == h);
+    let mut out = Vec::new();
+    let mut mirror_only = false;
+    for m in cfg.mirrors.get(registry).into_iter().flatten() {
+        mirror_only |= m.mirror_only;
+        let (scheme, rest) = match m.endpoint.split_once("://") {
+            Some((s, r)) => (Some(s), r),
+            None => (None, m.endpoint.as_str()),
+        };
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(ImageError::registry(
+                registry,
+                format!(
+                    "mirror endpoint {:?} must be [scheme://]host[:port]",
+                    m.endpoint
+                ),
+            ));
+        }
+        let plain_http = match scheme {
+            Some("http") => true,
+            Some("https") => false,
+            None => insecure(host),
+            Some(s) => {
+                return Err(ImageError::registry(
+                    registry,
+                    format!("mirror endpoint {:?}: unknown scheme {s:?}", m.endpoint),
+                ))
+            }
+        };
+        out.push(Endpoint {
+            host: host.to_string(),
+            plain_http,
+            mirror: true,
+        });
+    }
+    if !mirror_only {
+        out.push(Endpoint {
+            host: registry.to_string(),
+            plain_http: insecure(registry),
+            mirror: false,
+        });
+    }
+    Ok(out)
+}
+
+/// `Auth` from CRI -> `oci-client` credentials.
+pub fn registry_auth(auth: Option<&Auth>) -> Result<RegistryAuth> {
+    let Some(a) = auth else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    if !a.username.is_empty() || !a.password.is_empty() {
+        return Ok(RegistryAuth::Basic(a.username.clone(), a.password.clone()));
+    }
+    if !a.auth.is_empty() {
+        let bad = |why: &str| ImageError::Unauthorized {
+            reference: String::new(),
+            reason: format!("auth field is not base64(user:password): {why}"),
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(a.auth.trim())
+            .map_err(|e| bad(&e.to_string()))?;
+        let s = String::from_utf8(raw).map_err(|_| bad("not UTF-8"))?;
+        let (u, p) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    if !a.registry_token.is_empty() {
+        return Ok(RegistryAuth::Bearer(a.registry_token.clone()));
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+/// A connection to the endpoint that answered for one image.
+pub struct Remote {
+    client: Client,
+    reference: Reference,
+    pub endpoint: Endpoint,
+    /// For error messages: the normalised reference.
+    shown: String,
+}
+
+impl Remote {
+    /// Try each endpoint until one serves the top-level manifest of `r`.
+    /// Returns the session and the raw manifest bytes.
+    pub async fn open(
+        cfg: &RegistryConfig,
+        r: &ImageRef,
+        auth: Option<&Auth>,
+    ) -> Result<(Remote, Vec<u8>)> {
+        let shown = r.to_string();
+        let creds = registry_auth(auth).map_err(|e| match e {
+            ImageError::Unauthorized { reason, .. } => ImageError::Unauthorized {
+                reference: shown.clone(),
+                reason,
+            },
+            e => e,
+        })?;
+        let eps = endpoints(cfg, &r.registry)?;
+        let mut failures: Vec<(Endpoint, ImageError)> = Vec::new();
+        for ep in eps {
+            let mut reference = match (&r.tag, &r.digest) {
+                (_, Some(d)) => {
+                    Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone())
+                }
+                (Some(t), None) => {
+                    Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone())
+                }
+                (None, None) => {
+                    Reference::with_tag(r.registry.clone(), r.repository.clone(), "latest".into())
+                }
+            };
+            if ep.mirror {
+                reference.set_mirror_registry(ep.host.clone());
+            }
+            let protocol = if ep.plain_http {
+                ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
+            } else {
+                ClientProtocol::Https
+            };
+            let client = Client::new(ClientConfig {
+                protocol,
+                connect_timeout: Some(std::time::Duration::from_secs(10)),
+                read_timeout: Some(std::time::Duration::from_secs(60)),
+                ..Default::default()
+            });
+            let scheme = if ep.plain_http { "http" } else { "https" };
+            info!(image = %shown, endpoint = %format!("{scheme}://{}", ep.host), mirror = ep.mirror, "resolving");
+            let attempt = async {
+                client
+                    .auth(&reference, &creds, RegistryOperation::Pull)
+                    .await
+                    .map_err(|e| map_err(&shown, &ep, e))?;
+                client
+                    .pull_manifest_raw(&reference, &creds, MANIFEST_TYPES)
+                    .await
+                    .map_err(|e| map_err(&shown, &ep, e))
+            };
+            match attempt.await {
+                Ok((bytes, _digest)) => {
+                    let remote = Remote {
+                        client,
+                        reference,
+                        endpoint: ep,
+                        shown: shown.clone(),
+                    };
+                    return Ok((remote, bytes.to_vec()));
+                }
+                Err(e) => {
+                    warn!(image = %shown, endpoint = %ep.host, error = %e, "endpoint failed");
+                    failures.push((ep, e));
+                }
+            }
+        }
+        Err(summarise(&shown, failures))
+    }
+
+    /// Fetch a manifest by digest from the same repository.
+    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
+        let r = self.reference.clone_with_digest(digest.to_string());
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&r, &RegistryAuth::Anonymous, MANIFEST_TYPES)
+            .await
+            .map_err(|e| map_err(&self.shown, &self.endpoint, e))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Stream blob `digest` into `w` (which verifies it on commit).
+    pub async fn blob(&self, digest: &str, w: &mut BlobWriter, what: &str) -> Result<()> {
+        let mut s = self
+            .client
+            .pull_blob_stream(&self.reference, digest)
+            .await
+            .map_err(|e| map_err(&self.shown, &self.endpoint, e))?;
+        let total = s.content_length;
+        let mut next_log = 16 << 20;
+        while let Some(chunk) = s.stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ImageError::registry(&self.shown, format!("reading {what} {digest}: {e}"))
+            })?;
+            w.write(&chunk)?;
+            if w.written() >= next_log {
+                debug!(image = %self.shown, %what, %digest, bytes = w.written(), ?total, "downloading");
+                next_log += 16 << 20;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One error from all endpoint failures: the most telling kind wins, and the
+/// message lists every endpoint tried.
+fn summarise(shown: &str, failures: Vec<(Endpoint, ImageError)>) -> ImageError {
+    let tried: Vec<String> = failures
+        .iter()
+        .map(|(ep, e)| {
+            format!(
+                "{}{}: {e}",
+                ep.host,
+                if ep.mirror { " (mirror)" } else { "" }
+            )
+        })
+        .collect();
+    let tried = tried.join("; ");
+    let rank = |e: &ImageError| match e {
+        ImageError::Unauthorized { .. } => 3,
+        ImageError::DigestMismatch { .. } => 3,
+        ImageError::NotFound(_) => 2,
+        _ => 1,
+    };
+    let best = failures.into_iter().map(|(_, e)| e).max_by_key(rank);
+    match best {
+        Some(ImageError::NotFound(_)) => ImageError::NotFound(format!("{shown} (tried {tried})")),
+        Some(ImageError::Unauthorized { .. }) => ImageError::Unauthorized {
+            reference: shown.to_string(),
+            reason: format!("tried {tried}"),
+        },
+        Some(e @ ImageError::DigestMismatch { .. }) => e,
+        _ => ImageError::registry(shown, format!("no endpoint could serve it: {tried}")),
+    }
+}
+
+/// `oci-client` error -> ours, keeping the endpoint as context.
+pub fn map_err(shown: &str, ep: &Endpoint, e: OciDistributionError) -> ImageError {
+    let unauthorized = |reason: String| ImageError::Unauthorized {
+        reference: shown.to_string(),
+        reason: format!("{}: {reason}", ep.host),
+    };
+    let not_found = || ImageError::NotFound(shown.to_string());
+    match e {
+        OciDistributionError::AuthenticationFailure(r) => {
+            unauthorized(format!("authentication failed: {r}"))
+        }
+        OciDistributionError::UnauthorizedError { url } => {
+            unauthorized(format!("401 Unauthorized at {url}"))
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => not_found(),
+        OciDistributionError::RegistryError { envelope, url } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                        | OciErrorCode::BlobUnknown
+                )
+            }) {
+                not_found()
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+            {
+                unauthorized(format!("registry refused {url}"))
+            } else {
+                ImageError::registry(shown, format!("{}: {url}: {envelope:?}", ep.host))
+            }
+        }
+        OciDistributionError::ServerError { code, url, message } => match code {
+            404 => not_found(),
+            401 | 403 => unauthorized(format!("HTTP {code} at {url}: {message}")),
+            _ => ImageError::registry(shown, format!("HTTP {code} at {url}: {message}")),
+        },
+        OciDistributionError::DigestError(d) => ImageError::DigestMismatch {
+            what: format!("content of {shown} from {}", ep.host),
+            expected: String::new(),
+            actual: d.to_string(),
+        },
+        other => ImageError::registry(shown, format!("{}: {other}", ep.host)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Mirror;
+
+    fn cfg(mirrors: &[(&str, &str, bool)]) -> RegistryConfig {
+        let mut c = RegistryConfig {
+            insecure: vec!["my.insecure:5000".into()],
+            ..Default::default()
+        };
+        for (reg, ep, only) in mirrors {
+            c.mirrors.entry(reg.to_string()).or_default().push(Mirror {
+                endpoint: ep.to_string(),
+                mirror_only: *only,
+            });
+        }
+        c
+    }
+
+    #[test]
+    fn endpoint_order_and_schemes() {
+        let c = cfg(&[
+            ("registry.k8s.io", "http://10.0.0.1:5000", false),
+            ("registry.k8s.io", "mirror.example.com", false),
+            ("docker.io", "127.0.0.1:5000", true),
+        ]);
+        let e = endpoints(&c, "registry.k8s.io").unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(
+            (e[0].host.as_str(), e[0].plain_http, e[0].mirror),
+            ("10.0.0.1:5000", true, true)
+        );
+        assert_eq!(
+            (e[1].host.as_str(), e[1].plain_http),
+            ("mirror.example.com", false)
+        );
+        assert_eq!(
+            (e[2].host.as_str(), e[2].mirror, e[2].plain_http),
+            ("registry.k8s.io", false, false)
+        );
+        // mirror_only: the original host is not in the list at all.
+        let e = endpoints(&c, "docker.io").unwrap();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].mirror && e[0].plain_http);
+        // Plain HTTP: loopback always, others only when insecure.
+        assert!(endpoints(&c, "localhost:5000").unwrap()[0].plain_http);
+        assert!(endpoints(&c, "127.0.0.1:40000").unwrap()[0].plain_http);
+        assert!(endpoints(&c, "my.insecure:5000").unwrap()[0].plain_http);
+        assert!(!endpoints(&c, "quay.io").unwrap()[0].plain_http);
+        assert!(endpoints(&cfg(&[("x.io", "ftp://a", false)]), "x.io").is_err());
+        assert!(endpoints(&cfg(&[("x.io", "http://a/path", false)]), "x.io").is_err());
+    }
+
+    #[test]
+    fn credentials() {
+        assert!(matches!(
+            registry_auth(None).unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        let a = Auth {
+            auth: base64::engine::general_purpose::STANDARD.encode("u:p:x"),
+            ..Default::default()
+        };
+        match registry_auth(Some(&a)).unwrap() {
+            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("u", "p:x")),
+            o => panic!("{o:?}"),
+        }
+        let a = Auth {
+            auth: "!!!".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            registry_auth(Some(&a)),
+            Err(ImageError::Unauthorized { .. })
+        ));
+        let a = Auth {
+            registry_token: "tok".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            registry_auth(Some(&a)).unwrap(),
+            RegistryAuth::Bearer(_)
+        ));
+    }
+}

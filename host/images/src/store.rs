@@ -1,0 +1,251 @@
+//! Shared state behind [`crate::ImageStore`]: content store, unpacked
+//! layers, metadata, the "in use by a running pull" protection set, per-key
+//! async locks, and garbage collection.
+//!
+//! Locking: every `std::sync::Mutex` here guards a small map and is never
+//! held across I/O that waits on the network. Per-blob / per-layer work is
+//! serialised with a per-key `tokio::sync::Mutex`, so two pulls that share a
+//! layer download and unpack it once.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures_util::future::{BoxFuture, Shared};
+use tracing::{debug, info};
+
+use crate::content::ContentStore;
+use crate::error::{Result, StoreContext};
+use crate::meta::{ImageMeta, MetaStore};
+use crate::reference::{as_id_prefix, ImageRef};
+use crate::types::{ImageRecord, PullStats, RegistryConfig};
+
+pub(crate) type PullFuture = Shared<BoxFuture<'static, Result<ImageRecord>>>;
+
+pub(crate) struct Inner {
+    pub root: PathBuf,
+    pub registries: RegistryConfig,
+    pub content: ContentStore,
+    pub layers: PathBuf,
+    pub meta: MetaStore,
+    /// Normalised reference -> the pull in progress for it.
+    pub pulls: Mutex<HashMap<String, PullFuture>>,
+    /// Blob digests / diff IDs a running pull relies on (refcounted); GC
+    /// keeps them.
+    protect: Mutex<HashMap<String, usize>>,
+    key_locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    pub stat_pulls: AtomicU64,
+    pub stat_joined: AtomicU64,
+    pub stat_blobs: AtomicU64,
+    pub stat_bytes: AtomicU64,
+}
+
+/// Drops its protections when the pull ends.
+pub(crate) struct Protection {
+    inner: Arc<Inner>,
+    keys: Vec<String>,
+}
+
+impl Protection {
+    pub fn add(&mut self, key: &str) {
+        let mut p = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
+        *p.entry(key.to_string()).or_default() += 1;
+        self.keys.push(key.to_string());
+    }
+}
+
+impl Drop for Protection {
+    fn drop(&mut self) {
+        let mut p = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
+        for k in self.keys.drain(..) {
+            if let Some(n) = p.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    p.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    pub fn open(root: &Path, registries: RegistryConfig) -> Result<Arc<Inner>> {
+        fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
+        let content = ContentStore::open(root)?;
+        let layers = root.join("layers");
+        fs::create_dir_all(&layers).ctx(|| format!("create {}", layers.display()))?;
+        // Leftovers of an interrupted unpack or GC.
+        for e in fs::read_dir(&layers).ctx(|| format!("list {}", layers.display()))? {
+            let e = e.ctx(|| "list layers".into())?;
+            if e.file_name().to_string_lossy().starts_with('.') {
+                fs::remove_dir_all(e.path()).ctx(|| format!("clean {}", e.path().display()))?;
+            }
+        }
+        let trash = root.join("trash");
+        if trash.exists() {
+            fs::remove_dir_all(&trash).ctx(|| format!("clean {}", trash.display()))?;
+        }
+        let meta = MetaStore::open(root)?;
+        let inner = Arc::new(Inner {
+            root: root.to_path_buf(),
+            registries,
+            content,
+            layers,
+            meta,
+            pulls: Mutex::new(HashMap::new()),
+            protect: Mutex::new(HashMap::new()),
+            key_locks: Mutex::new(HashMap::new()),
+            stat_pulls: AtomicU64::new(0),
+            stat_joined: AtomicU64::new(0),
+            stat_blobs: AtomicU64::new(0),
+            stat_bytes: AtomicU64::new(0),
+        });
+        // Blobs or layers of pulls that never committed (crash): drop them.
+        inner.gc()?;
+        Ok(inner)
+    }
+
+    pub fn protection(self: &Arc<Self>) -> Protection {
+        Protection {
+            inner: self.clone(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// An async lock for one blob digest or layer.
+    pub fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.key_locks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = m.get(key).and_then(Weak::upgrade) {
+            return l;
+        }
+        m.retain(|_, w| w.strong_count() > 0);
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        m.insert(key.to_string(), Arc::downgrade(&l));
+        l
+    }
+
+    /// Directory of the unpacked layer with this diff ID.
+    pub fn layer_dir(&self, diff_id: &str) -> PathBuf {
+        self.layers
+            .join(diff_id.strip_prefix("sha256:").unwrap_or(diff_id))
+    }
+
+    pub fn stats(&self) -> PullStats {
+        PullStats {
+            pulls: self.stat_pulls.load(Ordering::Relaxed),
+            joined: self.stat_joined.load(Ordering::Relaxed),
+            blobs_downloaded: self.stat_blobs.load(Ordering::Relaxed),
+            bytes_downloaded: self.stat_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn record(&self, m: &ImageMeta) -> Result<ImageRecord> {
+        let config = self.content.read(&m.id)?;
+        Ok(ImageRecord {
+            id: m.id.clone(),
+            repo_tags: m.repo_tags.clone(),
+            repo_digests: m.repo_digests.clone(),
+            size: m.size,
+            uid: m.uid,
+            username: m.username.clone(),
+            config_json: String::from_utf8_lossy(&config).into_owned(),
+            layers: m.diff_ids.clone(),
+            layer_dirs: m.diff_ids.iter().map(|d| self.layer_dir(d)).collect(),
+        })
+    }
+
+    /// Find an image by ID, `sha256:`ID, tag, digest reference, short name
+    /// or unique ID prefix.
+    pub fn resolve(&self, s: &str) -> Result<Option<ImageMeta>> {
+        let all = self.meta.all()?;
+        let hex_id = |h: &str| h.len() == 64 && as_id_prefix(h).is_some();
+        let full_id = if let Some(h) = s.strip_prefix("sha256:") {
+            hex_id(h).then(|| s.to_string())
+        } else {
+            hex_id(s).then(|| format!("sha256:{s}"))
+        };
+        if let Some(id) = full_id {
+            if let Some(m) = all.iter().find(|m| m.id == id) {
+                return Ok(Some(m.clone()));
+            }
+        }
+        if let Ok(r) = ImageRef::parse(s) {
+            let found = match (&r.digest, r.tagged()) {
+                (Some(d), _) => {
+                    let want = r.digested(d);
+                    all.iter().find(|m| {
+                        m.repo_digests.contains(&want)
+                            || (m.manifest_digest == *d
+                                && m.repo_digests.iter().any(|rd| rd.starts_with(&r.name())))
+                    })
+                }
+                (None, Some(t)) => all.iter().find(|m| m.repo_tags.contains(&t)),
+                (None, None) => None,
+            };
+            if let Some(m) = found {
+                return Ok(Some(m.clone()));
+            }
+        }
+        if let Some(p) = as_id_prefix(s) {
+            let hits: Vec<&ImageMeta> = all.iter().filter(|m| m.id[7..].starts_with(p)).collect();
+            if hits.len() == 1 {
+                return Ok(Some(hits[0].clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Delete blobs and layer directories no image references and no running
+    /// pull protects. Victims are renamed into `trash/` under the protection
+    /// lock (cheap) and deleted after it is released.
+    pub fn gc(&self) -> Result<()> {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let trash = self
+            .root
+            .join("trash")
+            .join(RUN.fetch_add(1, Ordering::Relaxed).to_string());
+        let mut moved = 0usize;
+        {
+            let protect = self.protect.lock().unwrap_or_else(|e| e.into_inner());
+            let metas = self.meta.all()?;
+            let mut keep: HashSet<String> = HashSet::new();
+            for m in &metas {
+                keep.extend(m.blobs.iter().cloned());
+                keep.extend(m.diff_ids.iter().cloned());
+            }
+            let mut victims: Vec<PathBuf> = Vec::new();
+            for d in self.content.list()? {
+                if !keep.contains(&d) && !protect.contains_key(&d) {
+                    victims.push(self.content.path(&d)?);
+                }
+            }
+            for e in fs::read_dir(&self.layers).ctx(|| format!("list {}", self.layers.display()))? {
+                let e = e.ctx(|| "list layers".into())?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue; // an unpack in progress
+                }
+                let id = format!("sha256:{name}");
+                if !keep.contains(&id) && !protect.contains_key(&id) {
+                    victims.push(e.path());
+                }
+            }
+            if !victims.is_empty() {
+                fs::create_dir_all(&trash).ctx(|| format!("create {}", trash.display()))?;
+            }
+            for v in victims {
+                let dst = trash.join(format!("{moved}"));
+                fs::rename(&v, &dst).ctx(|| format!("move {} to trash", v.display()))?;
+                debug!(path = %v.display(), "garbage collected");
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            fs::remove_dir_all(&trash).ctx(|| format!("delete {}", trash.display()))?;
+            info!(items = moved, "image store garbage collected");
+        }
+        Ok(())
+    }
+}

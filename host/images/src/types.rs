@@ -1,0 +1,93 @@
+//! Plain data types shared with the CRI layer.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Credentials from the CRI `AuthConfig`.
+///
+/// Used as: `username`/`password` (or `auth` = base64("user:pass")) for HTTP
+/// basic auth and for the bearer-token realm; `registry_token` is sent as a
+/// ready bearer token. `identity_token` (an OAuth2 refresh token) is not
+/// supported yet and is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Auth {
+    pub username: String,
+    pub password: String,
+    /// base64("user:pass"), as kubelet sometimes sends it.
+    pub auth: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+/// Registry settings (from the daemon config).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Registry hosts (host[:port]) that may be reached over plain HTTP.
+    /// `localhost`, `127.0.0.1` and `[::1]` (any port) always use plain HTTP.
+    pub insecure: Vec<String>,
+    /// Per registry host: mirrors to try first, in order (e.g.
+    /// `registry.k8s.io` -> [`http://127.0.0.1:5000`]). The key is the host
+    /// as it appears in the normalised reference (`docker.io` for Docker Hub).
+    pub mirrors: BTreeMap<String, Vec<Mirror>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mirror {
+    /// `host[:port]`, optionally with an `http://` / `https://` scheme.
+    /// Without a scheme: plain HTTP for loopback hosts and hosts in
+    /// `insecure`, HTTPS otherwise.
+    pub endpoint: String,
+    /// When set on any mirror of a host, the original host is never contacted.
+    pub mirror_only: bool,
+}
+
+/// One stored image, as the CRI layer needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// `sha256:<config digest>` (the image ID, as containerd reports it).
+    pub id: String,
+    /// Normalised, e.g. `docker.io/library/busybox:latest`.
+    pub repo_tags: Vec<String>,
+    /// e.g. `docker.io/library/busybox@sha256:...` (manifest digest).
+    pub repo_digests: Vec<String>,
+    /// Sum of compressed layer sizes + config + manifest (what containerd reports).
+    pub size: u64,
+    /// From the image config `User`: numeric uid if numeric, else username.
+    pub uid: Option<i64>,
+    pub username: String,
+    /// Raw OCI image config JSON (for `verbose` and for building container specs).
+    pub config_json: String,
+    /// Layer diff IDs in order (bottom first).
+    pub layers: Vec<String>,
+    /// Unpacked layer directories (bottom first), usable as overlayfs lowerdirs
+    /// (overlayfs wants them top first: reverse before joining with `:`).
+    pub layer_dirs: Vec<PathBuf>,
+}
+
+/// Bytes and inodes used by the image store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsUsage {
+    pub timestamp_ns: i64,
+    pub used_bytes: u64,
+    pub inodes_used: u64,
+}
+
+/// Filter for `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ImageFilter {
+    /// Match by ID, tag, digest or short name (as `status` resolves it).
+    pub image: Option<String>,
+}
+
+/// Counters since the store was opened (for tests and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PullStats {
+    /// Pull operations that went to a registry (deduplicated joins excluded).
+    pub pulls: u64,
+    /// Pull calls that joined a pull of the same reference already running.
+    pub joined: u64,
+    /// Blobs (manifests excluded) downloaded from registries.
+    pub blobs_downloaded: u64,
+    /// Bytes of those blobs.
+    pub bytes_downloaded: u64,
+}
