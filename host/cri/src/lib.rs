@@ -1,1 +1,13 @@
-//! vmpod-cri: the CRI v1 gRPC services (thin; logic lives in vmpod-runtime / vmpod-images).
+//! vmpod-cri: the CRI v1 gRPC services and the daemon around them.
+//!
+//! Thin by design: handlers convert CRI messages (`convert`), call into
+//! `vmpod-images` / `vmpod-runtime`, and map errors (`status`).
+
+pub mod cni;
+pub mod config;
+pub mod convert;
+pub mod daemon;
+mod du;
+pub mod image_service;
+pub mod runtime_service;
+pub mod status;
