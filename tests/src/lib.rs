@@ -5,6 +5,10 @@
 
 use std::path::PathBuf;
 
+pub mod cri_client;
+pub mod oci_image;
+pub mod registry;
+
 /// Repository root (the workspace directory).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,5 +33,8 @@ pub fn vmpod_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("vmpod binary not found under {}: run `cargo build -p vmpod` first", target.display());
+    panic!(
+        "vmpod binary not found under {}: run `cargo build -p vmpod` first",
+        target.display()
+    );
 }

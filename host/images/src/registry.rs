@@ -12,7 +12,7 @@
 use base64::Engine as _;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{manifest, Client, Reference, RegistryOperation};
 use tracing::{debug, info, warn};
@@ -229,7 +229,18 @@ impl Remote {
         let mut next_log = 16 << 20;
         while let Some(chunk) = s.stream.next().await {
             let chunk = chunk.map_err(|e| {
-                ImageError::registry(&self.shown, format!("reading {what} {digest}: {e}"))
+                // oci-client checks the digest at the end of the stream too;
+                // report its verdict as ours.
+                match e.get_ref().and_then(|i| i.downcast_ref::<DigestError>()) {
+                    Some(DigestError::VerificationError { actual, .. }) => {
+                        ImageError::DigestMismatch {
+                            what: format!("{what} of {} from {}", self.shown, self.endpoint.host),
+                            expected: digest.to_string(),
+                            actual: actual.clone(),
+                        }
+                    }
+                    _ => ImageError::registry(&self.shown, format!("reading {what} {digest}: {e}")),
+                }
             })?;
             w.write(&chunk)?;
             if w.written() >= next_log {
