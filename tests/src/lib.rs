@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 
-pub mod cri_client;
 pub mod oci_image;
 pub mod registry;
 
