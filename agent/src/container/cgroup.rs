@@ -1,0 +1,231 @@
+//! cgroup v2 for containers: a per-pod parent (`<root>/vmpod`) with one leaf
+//! per container. All file access goes through [`CgroupFs`], so tests run
+//! against a plain directory.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Controllers enabled for the pod parent and its leaves (those missing in
+/// the guest kernel are skipped).
+pub const CONTROLLERS: [&str; 5] = ["cpu", "memory", "pids", "io", "cpuset"];
+pub const POD_PARENT: &str = "vmpod";
+
+/// Minimal filesystem access the cgroup code needs.
+pub trait CgroupFs: Send + Sync {
+    fn root(&self) -> &Path;
+    fn write(&self, rel: &Path, file: &str, value: &str) -> io::Result<()> {
+        std::fs::write(self.root().join(rel).join(file), value)
+    }
+    fn read(&self, rel: &Path, file: &str) -> io::Result<String> {
+        std::fs::read_to_string(self.root().join(rel).join(file))
+    }
+    fn mkdir(&self, rel: &Path) -> io::Result<()> {
+        match std::fs::create_dir(self.root().join(rel)) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }
+    }
+    fn rmdir(&self, rel: &Path) -> io::Result<()> {
+        std::fs::remove_dir(self.root().join(rel))
+    }
+}
+
+/// The real hierarchy (`/sys/fs/cgroup`) or any directory in tests.
+pub struct DirCgroupFs {
+    root: PathBuf,
+}
+
+impl DirCgroupFs {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+}
+
+impl CgroupFs for DirCgroupFs {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: {op} {file}: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {0} still has processes after kill")]
+    Busy(String),
+}
+
+fn err(rel: &Path, op: &'static str, file: &str) -> impl FnOnce(io::Error) -> CgroupError {
+    let path = rel.display().to_string();
+    let file = file.to_string();
+    move |source| CgroupError::Io { path, op, file, source }
+}
+
+/// Enable controllers at the root and in the pod parent (boot time).
+pub fn setup_pod_parent(fs: &dyn CgroupFs) -> Result<(), CgroupError> {
+    let root = Path::new("");
+    let parent = Path::new(POD_PARENT);
+    let available = fs.read(root, "cgroup.controllers").unwrap_or_default();
+    let wanted: Vec<&str> = CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .collect();
+    for c in &wanted {
+        fs.write(root, "cgroup.subtree_control", &format!("+{c}"))
+            .map_err(err(root, "enable", c))?;
+    }
+    fs.mkdir(parent).map_err(err(parent, "mkdir", ""))?;
+    for c in &wanted {
+        fs.write(parent, "cgroup.subtree_control", &format!("+{c}"))
+            .map_err(err(parent, "enable", c))?;
+    }
+    Ok(())
+}
+
+/// One container's leaf cgroup.
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    rel: PathBuf,
+}
+
+impl Cgroup {
+    pub fn for_container(id: &str) -> Self {
+        Self {
+            rel: Path::new(POD_PARENT).join(id),
+        }
+    }
+
+    /// Path relative to the cgroup root, e.g. `vmpod/c1`.
+    pub fn rel(&self) -> &Path {
+        &self.rel
+    }
+
+    pub fn create(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
+        fs.mkdir(&self.rel).map_err(err(&self.rel, "mkdir", ""))?;
+        self.apply(fs, writes)
+    }
+
+    pub fn apply(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
+        for (file, value) in writes {
+            fs.write(&self.rel, file, value).map_err(err(&self.rel, "write", file))?;
+        }
+        Ok(())
+    }
+
+    pub fn add_pid(&self, fs: &dyn CgroupFs, pid: i32) -> Result<(), CgroupError> {
+        fs.write(&self.rel, "cgroup.procs", &pid.to_string())
+            .map_err(err(&self.rel, "write", "cgroup.procs"))
+    }
+
+    pub fn pids(&self, fs: &dyn CgroupFs) -> Vec<i32> {
+        fs.read(&self.rel, "cgroup.procs")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// A flat `key value` file (`memory.events`, `cpu.stat`, ...).
+    pub fn read_keyed(&self, fs: &dyn CgroupFs, file: &str) -> Vec<(String, u64)> {
+        parse_keyed(&fs.read(&self.rel, file).unwrap_or_default())
+    }
+
+    pub fn read_u64(&self, fs: &dyn CgroupFs, file: &str) -> Option<u64> {
+        fs.read(&self.rel, file).ok()?.trim().parse().ok()
+    }
+
+    pub fn oom_killed(&self, fs: &dyn CgroupFs) -> bool {
+        self.read_keyed(fs, "memory.events")
+            .iter()
+            .any(|(k, v)| k == "oom_kill" && *v > 0)
+    }
+
+    /// Kill every process (cgroup.kill) and remove the directory, retrying
+    /// while the kernel finishes tearing the processes down.
+    pub fn destroy(&self, fs: &dyn CgroupFs) -> Result<(), CgroupError> {
+        if !fs.root().join(&self.rel).exists() {
+            return Ok(());
+        }
+        let _ = fs.write(&self.rel, "cgroup.kill", "1");
+        let mut last = None;
+        for _ in 0..100 {
+            match fs.rmdir(&self.rel) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(last.map(err(&self.rel, "rmdir", "")).unwrap_or_else(|| CgroupError::Busy(self.rel.display().to_string())))
+    }
+}
+
+pub fn parse_keyed(s: &str) -> Vec<(String, u64)> {
+    s.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_parent_enables_available_controllers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        // A real cgroupfs accumulates "+x" writes; a plain file keeps the last.
+        let fs = DirCgroupFs::new(dir.path());
+        setup_pod_parent(&fs).unwrap();
+        assert!(dir.path().join("vmpod").is_dir());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("vmpod/cgroup.subtree_control")).unwrap(),
+            "+cpuset"
+        );
+    }
+
+    #[test]
+    fn leaf_gets_limits_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("vmpod")).unwrap();
+        let fs = DirCgroupFs::new(dir.path());
+        let cg = Cgroup::for_container("c1");
+        cg.create(&fs, &[("memory.max".into(), "33554432".into()), ("pids.max".into(), "10".into())])
+            .unwrap();
+        let leaf = dir.path().join("vmpod/c1");
+        assert_eq!(std::fs::read_to_string(leaf.join("memory.max")).unwrap(), "33554432");
+        assert_eq!(std::fs::read_to_string(leaf.join("pids.max")).unwrap(), "10");
+        cg.add_pid(&fs, 42).unwrap();
+        assert_eq!(cg.pids(&fs), vec![42]);
+        std::fs::write(leaf.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        assert!(cg.oom_killed(&fs));
+        std::fs::write(leaf.join("memory.events"), "oom 0\noom_kill 0\n").unwrap();
+        assert!(!cg.oom_killed(&fs));
+    }
+
+    #[test]
+    fn write_error_names_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = DirCgroupFs::new(dir.path());
+        let cg = Cgroup::for_container("missing-parent");
+        let e = cg.create(&fs, &[]).unwrap_err().to_string();
+        assert!(e.contains("vmpod/missing-parent"), "{e}");
+    }
+
+    #[test]
+    fn keyed_parse() {
+        let v = parse_keyed("usage_usec 10\nuser_usec 7\nbad\nsystem_usec x\n");
+        assert_eq!(v, vec![("usage_usec".into(), 10), ("user_usec".into(), 7)]);
+    }
+}

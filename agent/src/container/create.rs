@@ -1,0 +1,105 @@
+//! Create: translate the spec, make the cgroup, clone the staged init and
+//! wait until it is ready to exec.
+
+use std::sync::{Arc, Mutex};
+
+use oci_spec::runtime::Spec;
+
+use super::cgroup::Cgroup;
+use super::config::StageMode;
+use super::process::{launch, Launch};
+use super::{spec, validate_id, Container};
+use crate::error::{AgentError, Result};
+use crate::state::Agent;
+
+pub struct CreateRequest {
+    pub id: String,
+    pub spec_json: Vec<u8>,
+    pub rootfs: String,
+    /// `user[:group]` resolved in the container, overriding the spec's ids.
+    pub username: Option<String>,
+    pub stdin: bool,
+}
+
+pub async fn create(agent: &Arc<Agent>, req: CreateRequest) -> Result<u32> {
+    validate_id("container", &req.id)?;
+    agent.reserve(&req.id)?;
+    let a = agent.clone();
+    let id = req.id.clone();
+    let r = tokio::task::spawn_blocking(move || create_blocking(&a, req))
+        .await
+        .map_err(|e| AgentError::internal("create task", e))
+        .and_then(|r| r);
+    match r {
+        Ok(c) => {
+            let pid = c.init.pid as u32;
+            agent.insert(c);
+            Ok(pid)
+        }
+        Err(e) => {
+            agent.unreserve(&id);
+            Err(e)
+        }
+    }
+}
+
+fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Container>> {
+    let id = &req.id;
+    let bad = |e: spec::SpecError| AgentError::InvalidArgument(format!("container {id:?}: {e}"));
+    let oci: Spec = serde_json::from_slice(&req.spec_json)
+        .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: invalid OCI spec JSON: {e}")))?;
+    let mut stage = spec::init_stage(&oci, Some(req.rootfs.as_str()).filter(|r| !r.is_empty())).map_err(bad)?;
+    if let Some(u) = req.username.filter(|u| !u.is_empty()) {
+        stage.process.user.username = Some(u);
+    }
+    let flags = spec::clone_flags(&oci).map_err(bad)?;
+    let writes = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        Some(r) => spec::cgroup_writes(r).map_err(bad)?,
+        None => Vec::new(),
+    };
+    let StageMode::Init(root) = &stage.mode else {
+        return Err(AgentError::Internal("init stage expected".into()));
+    };
+    if !std::path::Path::new(&root.path).is_dir() {
+        return Err(AgentError::InvalidArgument(format!(
+            "container {id:?}: rootfs {:?} does not exist or is not a directory",
+            root.path
+        )));
+    }
+    let new_cgroupns = root.new_cgroupns;
+    let cgroup = Cgroup::for_container(id);
+    let cgfs = agent.cgroups.as_ref();
+    cgroup
+        .create(cgfs, &writes)
+        .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: {e}")))?;
+    let init_process = stage.process.clone();
+    let launched = launch(
+        agent,
+        Launch {
+            config: stage,
+            clone_flags: flags,
+            stdin: req.stdin,
+            cgroup: &cgroup,
+            pid_ns: None,
+            what: format!("container {id:?}"),
+        },
+    );
+    let init = match launched {
+        Ok(p) => p,
+        Err(e) => {
+            if let Err(ce) = cgroup.destroy(cgfs) {
+                tracing::warn!(container = %id, error = %ce, "cgroup cleanup after failed create");
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(container = %id, pid = init.pid, "container created");
+    Ok(Arc::new(Container {
+        id: id.clone(),
+        cgroup,
+        init,
+        init_process,
+        new_cgroupns,
+        execs: Mutex::new(Default::default()),
+    }))
+}

@@ -1,0 +1,85 @@
+//! Exec: a new process in a running container's namespaces and cgroup.
+
+use std::sync::Arc;
+
+use super::config::{StageConfig, StageMode, UserConfig};
+use super::process::{launch, Launch};
+use super::{validate_id, Status};
+use crate::error::{AgentError, Result};
+use crate::state::Agent;
+
+pub struct ExecRequest {
+    pub container_id: String,
+    pub exec_id: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: Option<UserConfig>,
+    pub terminal: bool,
+    pub stdin: bool,
+}
+
+pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
+    validate_id("exec", &req.exec_id)?;
+    let c = agent.get(&req.container_id)?;
+    if c.status() != Status::Running {
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {:?} is {}, not running",
+            req.container_id,
+            c.status().as_str()
+        )));
+    }
+    if req.args.is_empty() {
+        return Err(AgentError::InvalidArgument("exec needs at least one argument".into()));
+    }
+    {
+        let execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
+        if execs.contains_key(&req.exec_id) {
+            return Err(AgentError::AlreadyExists(format!(
+                "exec {:?} already exists in container {:?}",
+                req.exec_id, req.container_id
+            )));
+        }
+    }
+    let mut process = c.init_process.clone();
+    process.args = req.args;
+    if !req.env.is_empty() {
+        process.env = req.env;
+    }
+    if !req.cwd.is_empty() {
+        process.cwd = req.cwd;
+    }
+    if let Some(u) = req.user {
+        process.user = u;
+    }
+    process.terminal = req.terminal;
+    let pid = c.init.pid;
+    let mut namespaces: Vec<String> = ["ipc", "uts"].iter().map(|n| format!("/proc/{pid}/ns/{n}")).collect();
+    if c.new_cgroupns {
+        namespaces.push(format!("/proc/{pid}/ns/cgroup"));
+    }
+    namespaces.push(format!("/proc/{pid}/ns/mnt"));
+    let config = StageConfig { mode: StageMode::Exec { namespaces }, process };
+    let what = format!("exec {:?} in container {:?}", req.exec_id, req.container_id);
+    let pid_ns = std::fs::File::open(format!("/proc/{pid}/ns/pid"))
+        .map_err(|e| AgentError::FailedPrecondition(format!("{what}: container init is gone: {e}")))?;
+    let a = agent.clone();
+    let c2 = c.clone();
+    let stdin = req.stdin;
+    let exec_id = req.exec_id.clone();
+    let p = tokio::task::spawn_blocking(move || {
+        let p = launch(
+            &a,
+            Launch { config, clone_flags: 0, stdin, cgroup: &c2.cgroup, pid_ns: Some(pid_ns), what: what.clone() },
+        )?;
+        c2.execs.lock().unwrap_or_else(|p| p.into_inner()).insert(exec_id, p.clone());
+        if let Err(e) = p.start(&what) {
+            c2.execs.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.exec_id);
+            return Err(e);
+        }
+        Ok(p)
+    })
+    .await
+    .map_err(|e| AgentError::internal("exec task", e))??;
+    Ok(p.pid as u32)
+}

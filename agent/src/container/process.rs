@@ -1,0 +1,259 @@
+//! One process the agent started (a container's init or an exec): its
+//! stage handshake, stdio and exit.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::cgroup::Cgroup;
+use super::config::StageConfig;
+use super::spawn::{self, ChildStdio, StagePipes};
+use crate::error::{AgentError, Result};
+use crate::reaper::Exit;
+use crate::state::Agent;
+use crate::stdio::OutBuf;
+
+/// How long a staged child may take to report `ready` or exec.
+pub const STAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExitInfo {
+    pub exit: Exit,
+    pub finished_at: i64,
+    pub oom_killed: bool,
+}
+
+pub struct Process {
+    pub pid: i32,
+    pub stdout: Arc<OutBuf>,
+    pub stderr: Arc<OutBuf>,
+    pub stdin: Mutex<Option<File>>,
+    pub pty: Option<OwnedFd>,
+    pub exit: watch::Receiver<Option<ExitInfo>>,
+    pub started_at: Mutex<Option<i64>>,
+    /// Stage pipes until the process is started.
+    stage: Mutex<Option<(File, File)>>,
+}
+
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// What to launch.
+pub struct Launch<'a> {
+    pub config: StageConfig,
+    pub clone_flags: i32,
+    pub stdin: bool,
+    pub cgroup: &'a Cgroup,
+    /// For exec: the container's PID namespace.
+    pub pid_ns: Option<File>,
+    pub what: String,
+}
+
+/// Clone the staged child, put it in its cgroup, hand it its config and wait
+/// until it is ready to exec (blocking; run on a blocking thread).
+pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
+    let io = |what: &str| {
+        let what = format!("{}: {what}", l.what);
+        move |e: std::io::Error| AgentError::internal(what, e)
+    };
+    let terminal = l.config.process.terminal;
+    let (stdio, stdout_src, stderr_src, stdin_w, pty) = if terminal {
+        let (master, slave) = spawn::pty().map_err(io("openpty"))?;
+        let stdio = ChildStdio {
+            stdin: slave.try_clone().map_err(io("dup"))?,
+            stdout: slave.try_clone().map_err(io("dup"))?,
+            stderr: slave,
+        };
+        let out = File::from(master.try_clone().map_err(io("dup"))?);
+        let inp = File::from(master.try_clone().map_err(io("dup"))?);
+        (stdio, out, None, Some(inp), Some(master))
+    } else {
+        let (out_r, out_w) = spawn::pipe_pair().map_err(io("pipe"))?;
+        let (err_r, err_w) = spawn::pipe_pair().map_err(io("pipe"))?;
+        let (stdin, stdin_w) = if l.stdin {
+            let (r, w) = spawn::pipe_pair().map_err(io("pipe"))?;
+            (r, Some(File::from(w)))
+        } else {
+            (spawn::dev_null().map_err(io("open /dev/null"))?, None)
+        };
+        let stdio = ChildStdio { stdin, stdout: out_w, stderr: err_w };
+        (stdio, File::from(out_r), Some(File::from(err_r)), stdin_w, None)
+    };
+
+    let (pid, pipes, exit_rx) = agent
+        .reaper
+        .spawn(|| match &l.pid_ns {
+            Some(ns) => with_pid_ns(ns, || spawn::clone_stage2(l.clone_flags, stdio)),
+            None => spawn::clone_stage2(l.clone_flags, stdio),
+        })
+        .map_err(io("clone"))?;
+    let StagePipes { mut config, mut status, start } = pipes;
+
+    let kill = || {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    };
+    let setup = (|| {
+        l.cgroup
+            .add_pid(agent.cgroups.as_ref(), pid)
+            .map_err(|e| AgentError::internal(&l.what, e))?;
+        let json = serde_json::to_vec(&l.config).map_err(|e| AgentError::internal(&l.what, e))?;
+        config.write_all(&json).map_err(io("send stage config"))?;
+        drop(config);
+        match read_status(&mut status, STAGE_TIMEOUT)? {
+            StageStatus::Ready => Ok(()),
+            StageStatus::Error(msg) => Err(AgentError::InvalidArgument(format!("{}: {msg}", l.what))),
+            StageStatus::Eof => Err(AgentError::Internal(format!(
+                "{}: container set-up process died before reporting",
+                l.what
+            ))),
+        }
+    })();
+    if let Err(e) = setup {
+        kill();
+        return Err(e);
+    }
+
+    let stdout = OutBuf::spawn_reader(format!("out-{pid}"), stdout_src);
+    let stderr = match stderr_src {
+        Some(f) => OutBuf::spawn_reader(format!("err-{pid}"), f),
+        None => OutBuf::closed(),
+    };
+    let (tx, rx) = watch::channel(None);
+    let cgroup = l.cgroup.clone();
+    let a = agent.clone();
+    tokio::runtime::Handle::current().spawn(async move {
+        let exit = exit_rx.await.unwrap_or(Exit::Signal(libc::SIGKILL));
+        let oom_killed = cgroup.oom_killed(a.cgroups.as_ref());
+        tracing::info!(pid, ?exit, oom_killed, "process exited");
+        let _ = tx.send(Some(ExitInfo { exit, finished_at: now_nanos(), oom_killed }));
+    });
+    Ok(Arc::new(Process {
+        pid,
+        stdout,
+        stderr,
+        stdin: Mutex::new(stdin_w),
+        pty,
+        exit: rx,
+        started_at: Mutex::new(None),
+        stage: Mutex::new(Some((status, start))),
+    }))
+}
+
+static PID_NS_LOCK: Mutex<()> = Mutex::new(());
+
+/// Run `f` (a clone) with this thread's children placed in `ns`.
+fn with_pid_ns<T>(ns: &File, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    use nix::sched::{setns, CloneFlags};
+    let _g = PID_NS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let own = File::open("/proc/self/ns/pid")?;
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWPID)?;
+    let r = f();
+    if let Err(e) = setns(own.as_fd(), CloneFlags::CLONE_NEWPID) {
+        // This thread would keep spawning into a container: unrecoverable.
+        tracing::error!(error = %e, "cannot restore PID namespace");
+        std::process::abort();
+    }
+    r
+}
+
+enum StageStatus {
+    Ready,
+    Error(String),
+    Eof,
+}
+
+/// Read one status line (`ready` / `error: ...`) or EOF, with a timeout.
+fn read_status(f: &mut File, timeout: Duration) -> Result<StageStatus> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(AgentError::DeadlineExceeded(format!(
+                "container set-up did not finish within {}s",
+                timeout.as_secs()
+            )));
+        }
+        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(0) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(AgentError::internal("poll stage status", e)),
+            Ok(_) => {}
+        }
+        let mut chunk = [0u8; 4096];
+        let n = f.read(&mut chunk).map_err(|e| AgentError::internal("read stage status", e))?;
+        if n == 0 {
+            let s = String::from_utf8_lossy(&buf).trim().to_string();
+            return Ok(if s.is_empty() { StageStatus::Eof } else { parse_status(&s) });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.contains(&b'\n') {
+            return Ok(parse_status(String::from_utf8_lossy(&buf).trim()));
+        }
+    }
+}
+
+fn parse_status(s: &str) -> StageStatus {
+    match s.strip_prefix("error: ") {
+        Some(m) => StageStatus::Error(m.to_string()),
+        None if s == "ready" => StageStatus::Ready,
+        None => StageStatus::Error(s.to_string()),
+    }
+}
+
+impl Process {
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.started_at.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Let the staged child exec; returns once exec succeeded (blocking).
+    pub fn start(&self, what: &str) -> Result<()> {
+        let Some((mut status, mut start)) = self.stage.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(AgentError::FailedPrecondition(format!("{what}: already started")));
+        };
+        start
+            .write_all(b"s")
+            .map_err(|e| AgentError::FailedPrecondition(format!("{what}: process is gone: {e}")))?;
+        drop(start);
+        match read_status(&mut status, STAGE_TIMEOUT)? {
+            StageStatus::Eof => {
+                *self.started_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now_nanos());
+                Ok(())
+            }
+            StageStatus::Error(m) => Err(AgentError::InvalidArgument(format!("{what}: {m}"))),
+            StageStatus::Ready => Err(AgentError::Internal(format!("{what}: unexpected stage status"))),
+        }
+    }
+
+    /// Drop the stage pipes of a never-started process (it then exits).
+    pub fn abandon(&self) {
+        self.stage.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(i) = *rx.borrow_and_update() {
+                return i;
+            }
+            if rx.changed().await.is_err() {
+                return ExitInfo { exit: Exit::Signal(libc::SIGKILL), finished_at: now_nanos(), oom_killed: false };
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Root filesystem stage of a container's init: runs in the container's
+//! fresh mount namespace, still seeing the guest's root.
+//!
+//! The guest root is the initramfs (rootfs), which cannot be pivot_root'ed
+//! away, so the container root is bind-mounted onto itself, moved over `/`
+//! and chroot'ed into (runc's `no_pivot` path). Capabilities the container
+//! keeps should exclude CAP_SYS_ADMIN/CAP_SYS_CHROOT (CRI defaults do).
+
+use std::os::unix::fs::symlink;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+
+use super::{Context, StageResult};
+use crate::container::config::{MountConfig, RootfsConfig};
+
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
+    let root = Path::new(&cfg.path);
+    if !root.is_dir() {
+        return Err(format!("rootfs {:?} is not a directory", cfg.path));
+    }
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .ctx(|| "make / private".into())?;
+    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .ctx(|| format!("bind rootfs {}", root.display()))?;
+    for m in &cfg.mounts {
+        do_mount(root, m)?;
+    }
+    if cfg.populate_dev {
+        populate_dev(root)?;
+    }
+    std::env::set_current_dir(root).ctx(|| "chdir rootfs".into())?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).ctx(|| "move rootfs to /".into())?;
+    nix::unistd::chroot(".").ctx(|| "chroot".into())?;
+    std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
+
+    for (k, v) in &cfg.sysctls {
+        let path = format!("/proc/sys/{}", k.replace('.', "/"));
+        std::fs::write(&path, v).ctx(|| format!("sysctl {k}={v}"))?;
+    }
+    for p in &cfg.masked_paths {
+        mask(p)?;
+    }
+    for p in &cfg.readonly_paths {
+        readonly(p)?;
+    }
+    if cfg.readonly {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .ctx(|| "remount rootfs read-only".into())?;
+    }
+    Ok(())
+}
+
+/// `dest` inside `root`, lexically (no `..`, validated by the agent).
+fn in_root(root: &Path, dest: &str) -> PathBuf {
+    let mut p = root.to_path_buf();
+    for c in Path::new(dest).components() {
+        if let Component::Normal(n) = c {
+            p.push(n);
+        }
+    }
+    p
+}
+
+fn do_mount(root: &Path, m: &MountConfig) -> StageResult<()> {
+    let dest = in_root(root, &m.destination);
+    let flags = MsFlags::from_bits_truncate(m.flags);
+    let bind = m.fstype == "bind" || flags.contains(MsFlags::MS_BIND);
+    if bind {
+        let src = Path::new(&m.source);
+        let meta = std::fs::metadata(src).ctx(|| format!("bind source {:?}", m.source))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&dest).ctx(|| format!("mkdir {}", dest.display()))?;
+        } else {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).ctx(|| format!("mkdir {}", parent.display()))?;
+            }
+            if !dest.exists() {
+                std::fs::File::create(&dest).ctx(|| format!("create {}", dest.display()))?;
+            }
+        }
+        mount(Some(src), &dest, None::<&str>, MsFlags::MS_BIND | (flags & MsFlags::MS_REC), None::<&str>)
+            .ctx(|| format!("bind {} on {}", m.source, m.destination))?;
+        let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
+        if !extra.is_empty() {
+            mount(
+                None::<&str>,
+                &dest,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                None::<&str>,
+            )
+            .ctx(|| format!("remount {} with {extra:?}", m.destination))?;
+        }
+    } else {
+        std::fs::create_dir_all(&dest).ctx(|| format!("mkdir {}", dest.display()))?;
+        let fstype = if m.fstype == "cgroup" { "cgroup2" } else { m.fstype.as_str() };
+        let data = (!m.data.is_empty()).then_some(m.data.as_str());
+        mount(Some(m.source.as_str()), &dest, Some(fstype), flags, data)
+            .ctx(|| format!("mount {fstype} on {}", m.destination))?;
+    }
+    if m.propagation != 0 {
+        mount(None::<&str>, &dest, None::<&str>, MsFlags::from_bits_truncate(m.propagation), None::<&str>)
+            .ctx(|| format!("propagation of {}", m.destination))?;
+    }
+    Ok(())
+}
+
+/// /dev is a fresh tmpfs: bind the guest's basic device nodes and add the
+/// usual links.
+fn populate_dev(root: &Path) -> StageResult<()> {
+    let dev = root.join("dev");
+    for d in DEVICES {
+        let target = dev.join(d);
+        if !target.exists() {
+            std::fs::File::create(&target).ctx(|| format!("create /dev/{d}"))?;
+        }
+        let src = format!("/dev/{d}");
+        mount(Some(src.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .ctx(|| format!("bind {src}"))?;
+    }
+    let links = [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ];
+    for (name, target) in links {
+        let l = dev.join(name);
+        if std::fs::symlink_metadata(&l).is_err() {
+            symlink(target, &l).ctx(|| format!("symlink /dev/{name}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn mask(p: &str) -> StageResult<()> {
+    let Ok(meta) = std::fs::metadata(p) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>)
+    } else {
+        mount(Some("/dev/null"), p, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+    }
+    .ctx(|| format!("mask {p}"))
+}
+
+fn readonly(p: &str) -> StageResult<()> {
+    if std::fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    mount(Some(p), p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .ctx(|| format!("bind {p} read-only"))?;
+    mount(
+        None::<&str>,
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("remount {p} read-only"))
+}

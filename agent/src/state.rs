@@ -1,0 +1,87 @@
+//! Agent-wide state: the container table (one lock for the map, looked up
+//! and released immediately; each container has its own lock, never held
+//! across blocking work or awaits).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::container::cgroup::CgroupFs;
+use crate::container::Container;
+use crate::error::{AgentError, Result};
+use crate::reaper::Reaper;
+
+pub struct Agent {
+    pub reaper: Arc<Reaper>,
+    pub cgroups: Arc<dyn CgroupFs>,
+    containers: Mutex<HashMap<String, Slot>>,
+    /// Mount points the sandbox set-up added (removed on destroy).
+    pub sandbox_mounts: Mutex<Vec<String>>,
+}
+
+enum Slot {
+    /// Being created: the id is taken.
+    Reserved,
+    Ready(Arc<Container>),
+}
+
+impl Agent {
+    pub fn new(reaper: Arc<Reaper>, cgroups: Arc<dyn CgroupFs>) -> Arc<Self> {
+        Arc::new(Agent {
+            reaper,
+            cgroups,
+            containers: Mutex::new(HashMap::new()),
+            sandbox_mounts: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Container>> {
+        match self.map().get(id) {
+            Some(Slot::Ready(c)) => Ok(c.clone()),
+            Some(Slot::Reserved) => Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} is still being created"
+            ))),
+            None => Err(AgentError::NotFound(format!("container {id:?} not found"))),
+        }
+    }
+
+    pub fn reserve(&self, id: &str) -> Result<()> {
+        let mut m = self.map();
+        if m.contains_key(id) {
+            return Err(AgentError::AlreadyExists(format!("container {id:?} already exists")));
+        }
+        m.insert(id.to_string(), Slot::Reserved);
+        Ok(())
+    }
+
+    pub fn unreserve(&self, id: &str) {
+        let mut m = self.map();
+        if matches!(m.get(id), Some(Slot::Reserved)) {
+            m.remove(id);
+        }
+    }
+
+    pub fn insert(&self, c: Arc<Container>) {
+        self.map().insert(c.id.clone(), Slot::Ready(c));
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    pub fn list(&self) -> Vec<Arc<Container>> {
+        let mut v: Vec<_> = self
+            .map()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(c) => Some(c.clone()),
+                Slot::Reserved => None,
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
