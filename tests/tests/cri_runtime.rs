@@ -1,0 +1,338 @@
+//! The CRI daemon itself, over its real socket: Version, Status,
+//! RuntimeConfig, Unimplemented RPCs, config errors, socket handling and
+//! shutdown. (Images: `cri_images.rs`.)
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+
+use tonic::Code;
+use vmpod_tests::cri_client::{cri, serve_expect_exit, CriClient, Daemon};
+
+/// A config whose CNI dir is an empty temp dir (so NetworkReady is
+/// deterministic whatever the host has in /etc/cni/net.d).
+fn config_no_cni(dir: &Path) -> String {
+    let cni = dir.join("cni-empty");
+    std::fs::create_dir_all(&cni).unwrap();
+    format!("[cni]\nconf_dir = \"{}\"\n", cni.display())
+}
+
+fn condition<'a>(s: &'a cri::StatusResponse, t: &str) -> &'a cri::RuntimeCondition {
+    s.status
+        .as_ref()
+        .expect("status")
+        .conditions
+        .iter()
+        .find(|c| c.r#type == t)
+        .unwrap_or_else(|| panic!("no {t} condition in {s:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_names_vmpod_and_v1() {
+    let d = Daemon::start("").unwrap();
+    let mut c = d.client().await.unwrap();
+    let v = c
+        .runtime
+        .version(cri::VersionRequest {
+            version: "0.1.0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.runtime_name, "vmpod");
+    assert_eq!(v.runtime_api_version, "v1");
+    assert_eq!(v.runtime_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v.version, "0.1.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_the_truth_and_verbose_returns_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[runtimes.vmpod]\nvcpus = 3\n\n[runtimes.fast]\nhypervisor = \"qemu\"\nmemory_mib = 512\n",
+        config_no_cni(tmp.path())
+    );
+    let d = Daemon::start(&config).unwrap();
+    let mut c = d.client().await.unwrap();
+
+    let s = c
+        .runtime
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let rt = condition(&s, "RuntimeReady");
+    assert!(
+        !rt.status,
+        "no sandbox can start yet, so RuntimeReady must be false"
+    );
+    assert_eq!(rt.reason, "SandboxesNotImplemented");
+    assert!(rt.message.contains("RunPodSandbox"), "{}", rt.message);
+    let net = condition(&s, "NetworkReady");
+    assert!(!net.status);
+    assert_eq!(net.reason, "NetworkPluginNotReady");
+    assert!(net.message.contains("no CNI config"), "{}", net.message);
+    assert!(s.info.is_empty(), "info only when verbose");
+    let names: Vec<_> = s.runtime_handlers.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["", "fast", "vmpod"],
+        "default handler first, under the empty name"
+    );
+
+    let s = c
+        .runtime
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg: serde_json::Value = serde_json::from_str(&s.info["config"]).unwrap();
+    assert_eq!(cfg["runtimes"]["vmpod"]["vcpus"], 3);
+    assert_eq!(cfg["runtimes"]["fast"]["hypervisor"], "qemu");
+    assert_eq!(cfg["runtimes"]["fast"]["memory_mib"], 512);
+    assert_eq!(cfg["default_runtime"], "vmpod");
+    let cni: serde_json::Value = serde_json::from_str(&s.info["cni"]).unwrap();
+    assert_eq!(cni["ready"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_ready_with_a_real_cni_config_and_plugins() {
+    let bin = Path::new("/usr/lib/cni");
+    if !bin.join("bridge").exists() || !bin.join("host-local").exists() {
+        eprintln!("skipping: CNI plugins not in /usr/lib/cni (Debian containernetworking-plugins; scripts/install-deps.sh)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let net_d = tmp.path().join("net.d");
+    std::fs::create_dir_all(&net_d).unwrap();
+    std::fs::write(
+        net_d.join("10-vmpod.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"vmpod-test","plugins":[
+            {"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,
+             "ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]]}},
+            {"type":"portmap","capabilities":{"portMappings":true}}]}"#,
+    )
+    .unwrap();
+    let config = format!(
+        "[cni]\nconf_dir = \"{}\"\nbin_dirs = [\"{}\"]\n",
+        net_d.display(),
+        bin.display()
+    );
+    let d = Daemon::start(&config).unwrap();
+    let mut c = d.client().await.unwrap();
+    let s = c
+        .runtime
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let net = condition(&s, "NetworkReady");
+    assert!(net.status, "{net:?}");
+    let cni: serde_json::Value = serde_json::from_str(&s.info["cni"]).unwrap();
+    assert_eq!(cni["network"], "vmpod-test");
+    assert_eq!(cni["plugins"], serde_json::json!(["bridge", "portmap"]));
+
+    // A plugin the bin dirs do not have: not ready, and the message says which.
+    std::fs::write(
+        net_d.join("05-broken.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"broken","plugins":[{"type":"no-such-plugin"}]}"#,
+    )
+    .unwrap();
+    let s = c
+        .runtime
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let net = condition(&s, "NetworkReady");
+    assert!(!net.status);
+    assert!(net.message.contains("no-such-plugin"), "{}", net.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_config_reports_cgroupfs() {
+    let d = Daemon::start("").unwrap();
+    let mut c = d.client().await.unwrap();
+    let r = c
+        .runtime
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.linux.unwrap().cgroup_driver,
+        cri::CgroupDriver::Cgroupfs as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbuilt_rpcs_answer_unimplemented_naming_themselves() {
+    let d = Daemon::start("").unwrap();
+    let mut c: CriClient = d.client().await.unwrap();
+    let check = |name: &str, r: Result<(), tonic::Status>| {
+        let e = r.expect_err(name);
+        assert_eq!(e.code(), Code::Unimplemented, "{name}: {e:?}");
+        assert!(e.message().contains(name), "{name}: {}", e.message());
+    };
+    check(
+        "RunPodSandbox",
+        c.runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    check(
+        "ListPodSandbox",
+        c.runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    check(
+        "ListContainers",
+        c.runtime
+            .list_containers(cri::ListContainersRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    check(
+        "ExecSync",
+        c.runtime
+            .exec_sync(cri::ExecSyncRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    check(
+        "UpdateRuntimeConfig",
+        c.runtime
+            .update_runtime_config(cri::UpdateRuntimeConfigRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    check(
+        "GetContainerEvents",
+        c.runtime
+            .get_container_events(cri::GetEventsRequest::default())
+            .await
+            .map(|_| ()),
+    );
+    // Still serving.
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+}
+
+#[test]
+fn unknown_config_key_stops_the_daemon_naming_key_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = serve_expect_exit(
+        tmp.path(),
+        "log_level = \"info\"\n[runtimes.vmpod]\nvcpus = 2\nhypervisr = \"qemu\"\n",
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hypervisr"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    assert!(
+        err.contains(&tmp.path().join("config.toml").display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("vmpod.sock").exists(),
+        "no socket left behind"
+    );
+
+    // A bad value is named too.
+    let out = serve_expect_exit(tmp.path(), "[runtimes.vmpod]\nvcpus = 0\n").unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runtimes.vmpod.vcpus"), "{err}");
+}
+
+#[test]
+fn explicit_missing_config_file_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = vmpod_tests::cri_client::serve_command(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.toml"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_is_0660_and_removed_on_sigterm() {
+    let mut d = Daemon::start("").unwrap();
+    let md = std::fs::metadata(d.socket()).unwrap();
+    assert!(md.file_type().is_socket());
+    assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    let st = d.stop().unwrap();
+    assert!(st.success(), "exit status {st}: {}", d.log());
+    assert!(!d.socket().exists(), "socket removed on shutdown");
+    assert!(d.log().contains("SIGTERM"), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_daemon_is_not_displaced_but_a_stale_socket_is_replaced() {
+    let mut first = Daemon::start("").unwrap();
+    // Second daemon, same socket, own state dir: refused with a clear error.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("config.toml"), "").unwrap();
+    let out = std::process::Command::new(vmpod_tests::vmpod_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(first.socket())
+        .arg("--state-dir")
+        .arg(other.path().join("state"))
+        .arg("--config")
+        .arg(other.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another vmpod daemon is listening"), "{err}");
+    // The first one still answers.
+    let mut c = first.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+
+    // Same state dir, other socket: refused (the state is locked).
+    let out = std::process::Command::new(vmpod_tests::vmpod_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(other.path().join("x.sock"))
+        .arg("--state-dir")
+        .arg(first.state_dir())
+        .arg("--config")
+        .arg(other.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another vmpod daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Kill -9 leaves a stale socket behind; the next start replaces it.
+    let pid = first.pid().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let _ = first.stop(); // reaps it
+    assert!(first.socket().exists(), "SIGKILL leaves the socket file");
+    let dir = first.dir().to_path_buf();
+    let second = Daemon::start_in(&dir, "").unwrap();
+    assert!(
+        second.log().contains("removing stale socket"),
+        "{}",
+        second.log()
+    );
+    let mut c = second.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+}
