@@ -1,0 +1,221 @@
+//! Basic auth, the bearer-token flow and registry mirrors, against real
+//! `docker-registry` instances on loopback.
+
+mod common;
+
+use base64::Engine as _;
+use common::*;
+use vmpod_images::{Auth, ImageError, ImageFilter, Mirror, RegistryConfig};
+use vmpod_tests::oci_image::Compression;
+use vmpod_tests::registry::{BearerProxy, Registry};
+
+fn basic(user: &str, password: &str) -> Option<Auth> {
+    Some(Auth {
+        username: user.into(),
+        password: password.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_required_then_given() {
+    if registry().is_none() {
+        return;
+    }
+    let reg = Registry::start_with_htpasswd("alice", "s3cret").unwrap();
+    push(
+        &reg,
+        "private/app",
+        "v1",
+        &image_with("private", Compression::Gzip),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = format!("{}/private/app:v1", reg.addr());
+    for auth in [None, basic("alice", "wrong"), basic("mallory", "s3cret")] {
+        match store.pull(&r, auth.clone()).await {
+            Err(ImageError::Unauthorized { reference, .. }) => assert_eq!(reference, r),
+            other => panic!("{auth:?}: expected Unauthorized, got {other:?}"),
+        }
+    }
+    assert!(store.list(&ImageFilter::default()).unwrap().is_empty());
+    store.pull(&r, basic("alice", "s3cret")).await.unwrap();
+    // The `auth` field form (base64 user:pass), as kubelet may send it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let rec = open(dir2.path())
+        .pull(
+            &r,
+            Some(Auth {
+                auth: b64,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rec.repo_tags, vec![r]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_flow() {
+    let Some(reg) = registry() else { return };
+    let img = image_with("bearer", Compression::Gzip);
+    push(&reg, "tok/app", "v1", &img).await;
+    let proxy = BearerProxy::start(&reg.addr(), "bob", "hunter2")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = format!("{}/tok/app:v1", proxy.addr());
+    match store.pull(&r, None).await {
+        Err(ImageError::Unauthorized { .. }) => {}
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    match store.pull(&r, basic("bob", "nope")).await {
+        Err(ImageError::Unauthorized { reason, .. }) => {
+            assert!(reason.contains("authentication failed"), "{reason}")
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    let rec = store.pull(&r, basic("bob", "hunter2")).await.unwrap();
+    assert_eq!(rec.id, img.config_digest);
+    let reqs = proxy.token_requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter()
+            .any(|q| q.contains("scope=repository%3Atok%2Fapp%3Apull")
+                || q.contains("scope=repository:tok/app:pull")),
+        "token requests: {reqs:?}"
+    );
+    assert!(
+        reqs.iter().any(|q| q.contains("service=vmpod-test")),
+        "{reqs:?}"
+    );
+}
+
+fn mirrors(host: &str, endpoints: &[String], mirror_only: bool) -> RegistryConfig {
+    let mut c = RegistryConfig::default();
+    c.mirrors.insert(
+        host.to_string(),
+        endpoints
+            .iter()
+            .map(|e| Mirror {
+                endpoint: e.clone(),
+                mirror_only,
+            })
+            .collect(),
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_k8s_io_through_loopback_mirror_only() {
+    let Some(mirror) = registry() else { return };
+    let img = image_with("pause", Compression::Gzip);
+    push(&mirror, "pause", "3.9", &img).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mirrors(
+        "registry.k8s.io",
+        &[format!("http://{}", mirror.addr())],
+        true,
+    );
+    let store = open_with(dir.path(), cfg);
+    let rec = store.pull("registry.k8s.io/pause:3.9", None).await.unwrap();
+    assert_eq!(rec.id, img.config_digest);
+    assert_eq!(rec.repo_tags, vec!["registry.k8s.io/pause:3.9".to_string()]);
+    assert_eq!(
+        store
+            .status("registry.k8s.io/pause:3.9")
+            .unwrap()
+            .unwrap()
+            .id,
+        rec.id
+    );
+    // Missing on the mirror: NotFound, and only the mirror was tried (with
+    // mirror_only the original host is not even in the endpoint list; no DNS
+    // lookup or connection to registry.k8s.io is attempted).
+    match store.pull("registry.k8s.io/missing:1", None).await {
+        Err(ImageError::NotFound(m)) => {
+            assert!(m.contains(&mirror.addr()), "{m}");
+            assert!(
+                !m.contains("registry.k8s.io (") && !m.contains("registry.k8s.io:"),
+                "{m}"
+            );
+            assert_eq!(m.matches("; ").count(), 0, "one endpoint tried: {m}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Prove "never contact the original" by making the original a real
+/// registry whose access log we can read.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_only_never_contacts_original_but_fallback_does() {
+    let Some(mirror) = registry() else { return };
+    let original = Registry::start().unwrap();
+    let img = image_with("mirrored", Compression::Gzip);
+    push(&mirror, "team/app", "v1", &img).await;
+    push(&original, "team/app", "v1", &img).await;
+    push(
+        &original,
+        "team/only-original",
+        "v1",
+        &image_with("orig", Compression::Gzip),
+    )
+    .await;
+    let pushes = original.requests().len();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mirrors(&original.addr(), &[mirror.addr()], true);
+    let store = open_with(dir.path(), cfg);
+    let r = format!("{}/team/app:v1", original.addr());
+    let rec = store.pull(&r, None).await.unwrap();
+    assert_eq!(
+        rec.repo_tags,
+        vec![r.clone()],
+        "named after the original registry"
+    );
+    assert!(matches!(
+        store
+            .pull(&format!("{}/team/only-original:v1", original.addr()), None)
+            .await,
+        Err(ImageError::NotFound(_))
+    ));
+    assert!(mirror
+        .requests()
+        .iter()
+        .any(|(m, p)| m == "GET" && p.contains("/team/app/manifests/")));
+    assert_eq!(
+        original.requests().len(),
+        pushes,
+        "original contacted: {:?}",
+        &original.requests()[pushes..]
+    );
+
+    // Without mirror_only, a miss on the mirror falls back to the original.
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = open_with(
+        dir2.path(),
+        mirrors(&original.addr(), &[mirror.addr()], false),
+    );
+    store2
+        .pull(&format!("{}/team/only-original:v1", original.addr()), None)
+        .await
+        .unwrap();
+    assert!(
+        original.requests().len() > pushes,
+        "fallback reached the original"
+    );
+
+    // Mirrors are tried in order: a dead first mirror is skipped.
+    let dead = format!("127.0.0.1:{}", vmpod_tests::registry::free_port().unwrap());
+    let dir3 = tempfile::tempdir().unwrap();
+    let store3 = open_with(
+        dir3.path(),
+        mirrors("registry.k8s.io", &[dead, mirror.addr()], true),
+    );
+    store3
+        .pull("registry.k8s.io/team/app:v1", None)
+        .await
+        .unwrap();
+}
