@@ -32,9 +32,13 @@ guest: guest-kernel initramfs
 tools: deps
 	scripts/install-tools.sh $(BUILD)/tools
 
+# The CRI daemon in the foreground with the default socket, state dir and
+# config (/etc/vmpod/config.toml if present). Extra flags: make run SERVE_ARGS="--log-level debug".
 run: build
-	@mkdir -p /run/vmpod /var/lib/vmpod
-	$(VMPOD) serve
+	@[ "$$(id -u)" -eq 0 ] || { echo "make run: the daemon needs root (socket in /run/vmpod, state in /var/lib/vmpod); try: sudo make run" >&2; exit 1; }
+	install -d -m 0755 /run/vmpod
+	install -d -m 0711 /var/lib/vmpod
+	exec $(VMPOD) serve --socket /run/vmpod/vmpod.sock --state-dir /var/lib/vmpod $(SERVE_ARGS)
 
 test: deps guest tools
 	$(CARGO) build -p vmpod

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,7 +81,11 @@ impl Daemon {
     /// socket (0660). Needs a tokio runtime.
     pub async fn start(opts: Options) -> Result<Daemon, DaemonError> {
         let state = &opts.state_dir;
-        std::fs::create_dir_all(state).map_err(io("creating state dir", state))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(state)
+            .map_err(io("creating state dir", state))?;
         let lock = lock_state_dir(state)?;
         let images_root = state.join("images");
         let containers_dir = state.join("containers");
