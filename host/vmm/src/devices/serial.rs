@@ -1,0 +1,223 @@
+//! 8250/16550A UART at 0x3f8 (COM1, IRQ 4): guest console output to a log
+//! file. The register model is vm-superio's; we add the console sink, which
+//! also notices kernel panics so the VM's exit can say why the guest died.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+
+use super::bus::BusDevice;
+use super::{ExitSignal, IrqLine};
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const PORT_LEN: u64 = 8;
+
+const PANIC_MARK: &str = "Kernel panic - not syncing: ";
+const PANIC_END_MARK: &str = "---[ end Kernel panic - not syncing: ";
+/// Longest console line we keep for panic detection.
+const MAX_LINE: usize = 1024;
+
+pub struct SerialIrq(pub Arc<dyn IrqLine>);
+
+impl Trigger for SerialIrq {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// Console sink: passes bytes through unbuffered (so a reader of the log
+/// sees each line as soon as the guest prints it) and watches for panics.
+pub struct ConsoleSink<W: Write> {
+    out: W,
+    line: Vec<u8>,
+    exit: Arc<ExitSignal>,
+}
+
+impl<W: Write> ConsoleSink<W> {
+    pub fn new(out: W, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            out,
+            line: Vec::with_capacity(256),
+            exit,
+        }
+    }
+
+    fn end_of_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.line);
+        if let Some(i) = line.find(PANIC_END_MARK) {
+            // The kernel stopped for good (panic=0): nothing more will come.
+            let msg = line[i + PANIC_END_MARK.len()..]
+                .trim_end_matches(" ]---")
+                .trim();
+            self.exit.note_panic(msg);
+            self.exit.request_reset();
+        } else if let Some(i) = line.find(PANIC_MARK) {
+            self.exit.note_panic(line[i + PANIC_MARK.len()..].trim());
+        }
+        self.line.clear();
+    }
+}
+
+impl<W: Write> Write for ConsoleSink<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            match b {
+                b'\n' => self.end_of_line(),
+                b'\r' => {}
+                _ if self.line.len() < MAX_LINE => self.line.push(b),
+                _ => {}
+            }
+        }
+        // A failing log must not stop the guest; count what we were given.
+        if let Err(e) = self.out.write_all(buf) {
+            tracing::warn!(error = %e, "console log write failed");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The UART as a bus device.
+pub struct SerialDevice<W: Write + Send> {
+    uart: Serial<SerialIrq, NoEvents, ConsoleSink<W>>,
+}
+
+impl<W: Write + Send> SerialDevice<W> {
+    pub fn new(irq: Arc<dyn IrqLine>, sink: ConsoleSink<W>) -> Self {
+        Self {
+            uart: Serial::new(SerialIrq(irq), sink),
+        }
+    }
+
+    pub fn sink(&self) -> &ConsoleSink<W> {
+        self.uart.writer()
+    }
+}
+
+impl<W: Write + Send> BusDevice for SerialDevice<W> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.uart.write(off, b) {
+                tracing::warn!(error = ?e, "serial write");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vmpod_runtime::hypervisor::ExitReason;
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl IrqLine for Count {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn dev() -> (SerialDevice<Vec<u8>>, Arc<Count>, Arc<ExitSignal>) {
+        let irq = Arc::new(Count::default());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let d = SerialDevice::new(irq.clone(), ConsoleSink::new(Vec::new(), exit.clone()));
+        (d, irq, exit)
+    }
+
+    fn put(d: &mut SerialDevice<Vec<u8>>, s: &str) {
+        for b in s.bytes() {
+            d.write(0, &[b]);
+        }
+    }
+
+    #[test]
+    fn data_register_writes_reach_the_log() {
+        let (mut d, _, exit) = dev();
+        put(&mut d, "hello\r\nworld");
+        assert_eq!(d.sink().out, b"hello\r\nworld");
+        assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn thr_empty_interrupt_when_enabled() {
+        let (mut d, irq, _) = dev();
+        d.write(1, &[0x2]); // IER: THR empty
+        put(&mut d, "x");
+        assert!(irq.0.load(Ordering::SeqCst) >= 1);
+        let mut iir = [0u8];
+        d.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x2, "IIR says THR empty");
+    }
+
+    #[test]
+    fn line_status_reports_transmitter_empty() {
+        let (mut d, _, _) = dev();
+        let mut lsr = [0u8];
+        d.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60);
+    }
+
+    #[test]
+    fn scratch_and_divisor_latch() {
+        let (mut d, _, _) = dev();
+        d.write(7, &[0x5a]);
+        let mut b = [0u8];
+        d.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        d.write(3, &[0x80]); // DLAB
+        d.write(0, &[0x03]);
+        d.read(0, &mut b);
+        assert_eq!(b[0], 0x03);
+        assert!(d.sink().out.is_empty(), "divisor write is not data");
+        // Offsets out of range are ignored, empty accesses too.
+        d.write(300, &[1]);
+        d.write(0, &[]);
+    }
+
+    #[test]
+    fn panic_line_is_noted_and_reset_reports_crash() {
+        let (mut d, _, exit) = dev();
+        put(
+            &mut d,
+            "[    1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n",
+        );
+        assert_eq!(exit.reason(), None, "panic=-1 still reboots: wait for it");
+        exit.request_reset();
+        assert_eq!(
+            exit.reason(),
+            Some(ExitReason::Crashed(
+                "kernel panic: VFS: Unable to mount root fs".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn panic_end_line_stops_the_vm() {
+        let (mut d, _, exit) = dev();
+        put(
+            &mut d,
+            "---[ end Kernel panic - not syncing: Attempted to kill init! ]---\n",
+        );
+        assert_eq!(
+            exit.reason(),
+            Some(ExitReason::Crashed(
+                "kernel panic: Attempted to kill init!".into()
+            ))
+        );
+    }
+}

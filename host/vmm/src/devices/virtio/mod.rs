@@ -1,0 +1,226 @@
+//! virtio devices over the virtio-mmio transport.
+
+pub mod blk;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod vsock;
+
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::IrqLine;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bit: a used buffer was added.
+pub const INT_USED_RING: u32 = 0x1;
+/// Interrupt status bit: configuration changed.
+pub const INT_CONFIG: u32 = 0x2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device expects {expected} queues, driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("device backend: {0}")]
+    Backend(String),
+}
+
+/// A device's interrupt: the status register the transport exposes plus
+/// the line that raises the guest IRQ.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    line: Arc<dyn IrqLine>,
+}
+
+impl Interrupt {
+    pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            line,
+        }
+    }
+
+    /// Tell the driver it has used buffers to look at.
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!(error = %e, "virtio interrupt");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a virtio device implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its maximum size.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (must include VIRTIO_F_VERSION_1).
+    fn features(&self) -> u64;
+    /// The subset the driver accepted (called before activation).
+    fn ack_features(&mut self, _features: u64) {}
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver is ready: start serving `queues`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        irq: Interrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver kicked queue `index` (only called once active).
+    fn queue_notify(&mut self, index: u16);
+    /// Driver reset: drop queues and any backend state tied to them.
+    fn reset(&mut self);
+    /// A host fd whose readiness the event loop should report to us.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// `backend_fd` became ready.
+    fn backend_event(&mut self) {}
+    /// Called about once a second (timeouts).
+    fn tick(&mut self) {}
+}
+
+/// Copy from a device's config space with bounds checks (out of range
+/// reads return zeros).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if off >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - off);
+    data[..n].copy_from_slice(&config[off..off + n]);
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Guest memory with a split virtqueue, for device tests.
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::{Interrupt, IrqLine};
+
+    pub const F_NEXT: u16 = 1;
+    pub const F_WRITE: u16 = 2;
+
+    #[derive(Default)]
+    pub struct CountIrq(pub AtomicUsize);
+    impl IrqLine for CountIrq {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    pub fn irq() -> (Interrupt, Arc<CountIrq>) {
+        let c = Arc::new(CountIrq::default());
+        (Interrupt::new(c.clone()), c)
+    }
+
+    pub fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+    }
+
+    /// A queue of 16 entries at guest address `base`.
+    pub struct TestQueue<'a> {
+        pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        next_desc: u16,
+    }
+
+    impl<'a> TestQueue<'a> {
+        pub fn new(mem: &'a GuestMemoryMmap, base: u64) -> Self {
+            Self {
+                mock: MockSplitQueue::create(mem, GuestAddress(base), 16),
+                next_desc: 0,
+            }
+        }
+
+        pub fn queue(&self) -> Queue {
+            self.mock.create_queue::<Queue>().unwrap()
+        }
+
+        /// Add one chain of (addr, len, writable) descriptors and publish it.
+        pub fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            let n = descs.len() as u16;
+            for (i, &(addr, len, w)) in descs.iter().enumerate() {
+                let idx = head + i as u16;
+                let mut flags = if w { F_WRITE } else { 0 };
+                if (i as u16) + 1 < n {
+                    flags |= F_NEXT;
+                }
+                let d = RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1));
+                self.mock.desc_table().store(idx, d).unwrap();
+            }
+            self.next_desc += n;
+            let avail = self.mock.avail();
+            let i = avail.idx().load();
+            avail
+                .ring()
+                .ref_at(usize::from(i % 16))
+                .unwrap()
+                .store(head.to_le());
+            avail.idx().store(i.wrapping_add(1));
+            head
+        }
+
+        /// (id, len) of used entry `i`.
+        pub fn used(&self, i: u16) -> (u32, u32) {
+            let e = self
+                .mock
+                .used()
+                .ring()
+                .ref_at(usize::from(i))
+                .unwrap()
+                .load();
+            (e.id(), e.len())
+        }
+
+        pub fn used_idx(&self) -> u16 {
+            self.mock.used().idx().load()
+        }
+    }
+
+    pub fn write(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
+        mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    pub fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[allow(dead_code)]
+    pub fn queue_ready(q: &mut Queue) {
+        q.set_ready(true);
+    }
+}

@@ -1,0 +1,266 @@
+//! virtio-net on a host TAP device (opened with IFF_VNET_HDR, so frames
+//! carry the same 12-byte virtio header in both directions).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening /dev/net/tun: {0}")]
+    OpenTun(#[source] std::io::Error),
+    #[error("attaching to TAP {name}: {source}")]
+    SetIff {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuring TAP {name} ({op}): {source}")]
+    Configure {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr_v1 (with num_buffers), as used with VERSION_1.
+pub const VNET_HDR_LEN: usize = 12;
+const QUEUE_SIZES: &[u16] = &[256, 256];
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// Largest frame plus header we move (no GSO offered: MTU-sized frames).
+const MAX_FRAME: usize = 65562;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+/// An open TAP device.
+pub struct Tap {
+    file: File,
+}
+
+impl Tap {
+    pub fn open(name: &str) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(Error::OpenTun)?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        let n = name.len().min(15);
+        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // SAFETY: TUNSETIFF reads/writes an ifreq, which `req` is.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+        if r < 0 {
+            return Err(Error::SetIff {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let cfg = |op, req: libc::c_ulong, arg: *const libc::c_void| {
+            // SAFETY: both ioctls take either an int pointer or an int value.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), req, arg) };
+            if r < 0 {
+                Err(Error::Configure {
+                    name: name.to_string(),
+                    op,
+                    source: std::io::Error::last_os_error(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        cfg(
+            "TUNSETVNETHDRSZ",
+            TUNSETVNETHDRSZ,
+            (&hdr_len as *const libc::c_int).cast(),
+        )?;
+        cfg("TUNSETOFFLOAD", TUNSETOFFLOAD, std::ptr::null())?;
+        Ok(Self { file })
+    }
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    active: Option<Active>,
+    /// A frame read from the TAP that found no guest buffer yet.
+    rx_frame: Option<Vec<u8>>,
+    /// The TAP may have more to read (edge-triggered).
+    rx_ready: bool,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    irq: Interrupt,
+    queues: Vec<Queue>,
+}
+
+impl Net {
+    pub fn open(tap: &str, mac: [u8; 6]) -> Result<Self, Error> {
+        Ok(Self {
+            tap: Tap::open(tap)?,
+            mac,
+            active: None,
+            rx_frame: None,
+            rx_ready: true,
+        })
+    }
+
+    fn process_tx(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        let mut buf = Vec::with_capacity(2048);
+        while let Some(chain) = a.queues[TX_QUEUE].pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            buf.clear();
+            if let Ok(r) = chain.reader(&a.mem) {
+                let _ = r.take(MAX_FRAME as u64).read_to_end(&mut buf);
+            }
+            if buf.len() > VNET_HDR_LEN {
+                if let Err(e) = self.tap.file.write(&buf) {
+                    tracing::debug!(error = %e, "TAP write dropped a frame");
+                }
+            }
+            let _ = a.queues[TX_QUEUE].add_used(&a.mem, head, 0);
+            used = true;
+        }
+        if used {
+            a.irq.signal_used();
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        loop {
+            if self.rx_frame.is_none() {
+                if !self.rx_ready {
+                    break;
+                }
+                let mut buf = vec![0u8; MAX_FRAME];
+                match self.tap.file.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        buf.truncate(n);
+                        self.rx_frame = Some(buf);
+                    }
+                    Ok(_) => {
+                        self.rx_ready = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.rx_ready = false;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TAP read");
+                        self.rx_ready = false;
+                        break;
+                    }
+                }
+            }
+            let Some(chain) = a.queues[RX_QUEUE].pop_descriptor_chain(&a.mem) else {
+                break; // wait for the driver to post buffers
+            };
+            let head = chain.head_index();
+            let frame = self.rx_frame.take().unwrap_or_default();
+            let mut len = 0;
+            if let Ok(mut w) = chain.writer(&a.mem) {
+                if w.available_bytes() >= frame.len() && w.write_all(&frame).is_ok() {
+                    len = frame.len() as u32;
+                } else {
+                    tracing::debug!(
+                        frame = frame.len(),
+                        "guest RX buffer too small; frame dropped"
+                    );
+                }
+            }
+            let _ = a.queues[RX_QUEUE].add_used(&a.mem, head, len);
+            used = true;
+        }
+        if used {
+            a.irq.signal_used();
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.mac, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        irq: Interrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        self.active = Some(Active { mem, irq, queues });
+        self.rx_ready = true;
+        self.process_rx();
+        Ok(())
+    }
+    fn queue_notify(&mut self, index: u16) {
+        match index as usize {
+            RX_QUEUE => self.process_rx(),
+            TX_QUEUE => self.process_tx(),
+            _ => {}
+        }
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_frame = None;
+    }
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.tap.file.as_raw_fd())
+    }
+    fn backend_event(&mut self) {
+        self.rx_ready = true;
+        self.process_rx();
+    }
+}

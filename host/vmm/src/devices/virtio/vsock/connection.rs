@@ -1,0 +1,361 @@
+//! One vsock stream connection between a guest port and a host unix
+//! socket, with virtio-vsock credit flow control in both directions.
+//!
+//! Guest → host: the guest may send at most our `buf_alloc` bytes beyond
+//! what we have forwarded (`fwd_cnt`); what the host socket cannot take yet
+//! waits in `tx_buf`. We advertise progress with CREDIT_UPDATE (and in
+//! every header we send).
+//! Host → guest: we read from the socket only while the guest has credit
+//! (`peer_buf_alloc - (rx_cnt - peer_fwd_cnt)`); otherwise we ask with
+//! CREDIT_REQUEST and wait.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use super::packet::{
+    Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
+
+/// Receive buffer we advertise to the guest per connection.
+pub const BUF_ALLOC: u32 = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Host connected and sent `CONNECT`; we sent REQUEST to the guest.
+    Connecting,
+    Established,
+    /// Finished: remove after sending whatever is queued (RST).
+    Closed,
+}
+
+/// What the muxer should do after a guest packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// Remove the connection now (nothing more to send).
+    Remove,
+}
+
+pub struct Connection {
+    pub stream: UnixStream,
+    pub local_port: u32,
+    pub peer_port: u32,
+    pub guest_cid: u64,
+    pub state: State,
+    pub connect_deadline: Option<Instant>,
+    // Guest -> host.
+    tx_buf: Vec<u8>,
+    recv_cnt: u32,
+    fwd_cnt: u32,
+    last_fwd_cnt_sent: u32,
+    // Host -> guest.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    rx_cnt: u32,
+    /// The host socket may have data (edge-triggered readiness).
+    pub readable: bool,
+    host_eof: bool,
+    guest_shut: u32,
+    // Control packets owed to the guest.
+    need_request: bool,
+    need_response: bool,
+    need_rst: bool,
+    need_credit_update: bool,
+    need_credit_request: bool,
+    need_shutdown: bool,
+}
+
+impl Connection {
+    fn new(
+        stream: UnixStream,
+        local_port: u32,
+        peer_port: u32,
+        guest_cid: u64,
+        state: State,
+    ) -> Self {
+        Self {
+            stream,
+            local_port,
+            peer_port,
+            guest_cid,
+            state,
+            connect_deadline: None,
+            tx_buf: Vec::new(),
+            recv_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            rx_cnt: 0,
+            readable: false,
+            host_eof: false,
+            guest_shut: 0,
+            need_request: false,
+            need_response: false,
+            need_rst: false,
+            need_credit_update: false,
+            need_credit_request: false,
+            need_shutdown: false,
+        }
+    }
+
+    /// Host-initiated: we will send REQUEST and wait for the guest.
+    pub fn host_initiated(
+        stream: UnixStream,
+        local_port: u32,
+        peer_port: u32,
+        guest_cid: u64,
+        deadline: Instant,
+    ) -> Self {
+        let mut c = Self::new(stream, local_port, peer_port, guest_cid, State::Connecting);
+        c.need_request = true;
+        c.connect_deadline = Some(deadline);
+        c
+    }
+
+    /// Guest-initiated (REQUEST already received, host socket connected).
+    pub fn guest_initiated(stream: UnixStream, req: &Header, guest_cid: u64) -> Self {
+        let mut c = Self::new(
+            stream,
+            req.dst_port,
+            req.src_port,
+            guest_cid,
+            State::Established,
+        );
+        c.peer_buf_alloc = req.buf_alloc;
+        c.peer_fwd_cnt = req.fwd_cnt;
+        c.need_response = true;
+        c.readable = true;
+        c
+    }
+
+    /// Bytes the guest can still take from us.
+    pub fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    pub fn header(&self, op: u16, len: u32, flags: u32) -> Header {
+        Header {
+            src_cid: super::packet::HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: self.local_port,
+            dst_port: self.peer_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: self.fwd_cnt,
+        }
+    }
+
+    /// Handle a packet from the guest addressed to this connection.
+    pub fn on_guest_packet(&mut self, hdr: &Header, data: &[u8]) -> Verdict {
+        self.peer_buf_alloc = hdr.buf_alloc;
+        self.peer_fwd_cnt = hdr.fwd_cnt;
+        match (self.state, hdr.op) {
+            (_, OP_RST) => {
+                // Refused (while connecting) or reset: just close the host side.
+                self.state = State::Closed;
+                return Verdict::Remove;
+            }
+            (State::Connecting, OP_RESPONSE) => {
+                self.state = State::Established;
+                self.connect_deadline = None;
+                let line = format!("OK {}\n", self.local_port);
+                if self.stream.write_all(line.as_bytes()).is_err() {
+                    return self.reset();
+                }
+                self.readable = true;
+            }
+            (State::Connecting, _) => return self.reset(),
+            (State::Established, OP_RW) => {
+                self.recv_cnt = self.recv_cnt.wrapping_add(data.len() as u32);
+                if self.recv_cnt.wrapping_sub(self.fwd_cnt) > BUF_ALLOC {
+                    tracing::warn!(port = self.local_port, "guest exceeded its vsock credit");
+                    return self.reset();
+                }
+                if self.guest_shut & SHUTDOWN_SEND != 0 {
+                    return self.reset();
+                }
+                self.tx_buf.extend_from_slice(data);
+                if self.flush_tx().is_err() {
+                    return self.reset();
+                }
+            }
+            (State::Established, OP_CREDIT_UPDATE) => {}
+            (State::Established, OP_CREDIT_REQUEST) => self.need_credit_update = true,
+            (State::Established, OP_SHUTDOWN) => {
+                self.guest_shut |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                if self.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    // Full close: flush what we can, then reset.
+                    let _ = self.flush_tx();
+                    return self.reset();
+                }
+                if self.guest_shut & SHUTDOWN_SEND != 0 && self.tx_buf.is_empty() {
+                    let _ = self.stream.shutdown(Shutdown::Write);
+                }
+            }
+            (State::Established, OP_REQUEST) | (State::Established, OP_RESPONSE) => {
+                return self.reset();
+            }
+            (State::Established, _) => return self.reset(),
+            (State::Closed, _) => return Verdict::Remove,
+        }
+        Verdict::Keep
+    }
+
+    /// Tell the guest to forget this connection; the muxer removes it once
+    /// the RST is sent.
+    pub fn reset(&mut self) -> Verdict {
+        self.state = State::Closed;
+        self.need_rst = true;
+        Verdict::Keep
+    }
+
+    /// Write buffered guest data to the host socket. Err means the socket
+    /// is gone.
+    pub fn flush_tx(&mut self) -> std::io::Result<()> {
+        let mut written = 0;
+        while written < self.tx_buf.len() {
+            match self.stream.write(&self.tx_buf[written..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.tx_buf.drain(..written);
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(written as u32);
+        let unsent = self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent);
+        if unsent > 0 && (self.tx_buf.is_empty() || unsent >= BUF_ALLOC / 4) {
+            self.need_credit_update = true;
+        }
+        if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    /// Does this connection have a packet for the guest right now?
+    pub fn wants_rx(&self) -> bool {
+        self.need_rst
+            || self.need_request
+            || self.need_response
+            || self.need_credit_update
+            || self.need_shutdown
+            || (self.state == State::Established && self.want_data())
+    }
+
+    fn want_data(&self) -> bool {
+        self.readable && !self.host_eof && self.guest_shut & SHUTDOWN_RCV == 0
+    }
+
+    /// The next packet for the guest, with at most `max_data` payload
+    /// bytes. None if nothing is due (e.g. the socket had no data after
+    /// all, or the guest has no credit).
+    pub fn next_rx(&mut self, max_data: usize) -> Option<(Header, Vec<u8>)> {
+        if self.need_rst {
+            self.need_rst = false;
+            return Some((self.header(OP_RST, 0, 0), Vec::new()));
+        }
+        if self.state == State::Closed {
+            return None;
+        }
+        if self.need_request {
+            self.need_request = false;
+            return Some((self.header(OP_REQUEST, 0, 0), Vec::new()));
+        }
+        if self.need_response {
+            self.need_response = false;
+            return Some((self.header(OP_RESPONSE, 0, 0), Vec::new()));
+        }
+        if self.state != State::Established {
+            return None;
+        }
+        if self.need_shutdown {
+            self.need_shutdown = false;
+            return Some((self.header(OP_SHUTDOWN, 0, SHUTDOWN_SEND), Vec::new()));
+        }
+        if self.want_data() {
+            let credit = self.peer_credit() as usize;
+            if credit == 0 {
+                if !self.need_credit_request {
+                    self.need_credit_request = true;
+                    return Some((self.header(OP_CREDIT_REQUEST, 0, 0), Vec::new()));
+                }
+            } else {
+                let mut buf = vec![0u8; credit.min(max_data)];
+                match self.stream.read(&mut buf) {
+                    Ok(0) => {
+                        self.host_eof = true;
+                        self.readable = false;
+                        self.last_fwd_cnt_sent = self.fwd_cnt;
+                        self.need_credit_update = false;
+                        return Some((self.header(OP_SHUTDOWN, 0, SHUTDOWN_SEND), Vec::new()));
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+                        self.need_credit_request = false;
+                        self.last_fwd_cnt_sent = self.fwd_cnt;
+                        self.need_credit_update = false;
+                        return Some((self.header(OP_RW, n as u32, 0), buf));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.reset();
+                        self.need_rst = false;
+                        return Some((self.header(OP_RST, 0, 0), Vec::new()));
+                    }
+                }
+            }
+        }
+        if self.need_credit_update {
+            self.need_credit_update = false;
+            self.last_fwd_cnt_sent = self.fwd_cnt;
+            return Some((self.header(OP_CREDIT_UPDATE, 0, 0), Vec::new()));
+        }
+        None
+    }
+
+    /// The host socket reported hang-up or error.
+    pub fn on_host_hangup(&mut self) {
+        if self.state == State::Connecting {
+            self.reset();
+        }
+        // Established: reads will return EOF (SHUTDOWN to the guest) and
+        // writes will fail (RST); nothing else to do here.
+        self.readable = true;
+    }
+
+    /// Connecting for too long: give up.
+    pub fn check_deadline(&mut self, now: Instant) -> bool {
+        match self.connect_deadline {
+            Some(d) if now >= d && self.state == State::Connecting => {
+                tracing::info!(port = self.peer_port, "vsock connect timed out");
+                self.reset();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed && !self.need_rst
+    }
+
+    pub fn tx_buffered(&self) -> usize {
+        self.tx_buf.len()
+    }
+
+    pub fn fwd_cnt(&self) -> u32 {
+        self.fwd_cnt
+    }
+}

@@ -1,0 +1,434 @@
+//! Hybrid-vsock back-end (Firecracker's protocol): the host side of the
+//! guest's vsock is one unix socket.
+//! - Host-initiated: connect to the socket, write `CONNECT <port>\n`; once
+//!   the guest accepts we answer `OK <host port>\n` and the stream carries
+//!   the data; if the guest refuses (RST) or times out we close it.
+//! - Guest-initiated connections to CID 2 port P are connected to the unix
+//!   socket `<uds>_P`.
+//!
+//! All host sockets are non-blocking, registered edge-triggered in the
+//! muxer's own epoll, whose fd the VMM's event loop watches.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{Connection, Verdict, BUF_ALLOC};
+use super::packet::{Header, TxPacket, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+use super::Error;
+
+/// How long the guest has to accept a host-initiated connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `CONNECT <port>\n` line we accept.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host-side port numbers for host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+const MAX_CONNECTIONS: usize = 1024;
+const LISTENER_TOKEN: u64 = u64::MAX;
+
+type Key = (u32, u32); // (local/host port, peer/guest port)
+
+pub struct Muxer {
+    guest_cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<Key, Connection>,
+    by_fd: HashMap<RawFd, Key>,
+    /// Host streams that have not sent their CONNECT line yet.
+    pending: HashMap<RawFd, (UnixStream, Vec<u8>, Instant)>,
+    /// Connections that may have something for the guest, in order.
+    rx_queue: VecDeque<Key>,
+    /// RSTs for packets that matched no connection.
+    orphan_rx: VecDeque<Header>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    pub fn new(guest_cid: u64, uds: &Path) -> Result<Self, Error> {
+        let listener = UnixListener::bind(uds).map_err(|source| Error::Bind {
+            path: uds.display().to_string(),
+            source,
+        })?;
+        listener.set_nonblocking(true).map_err(|source| Error::Io {
+            op: "set_nonblocking",
+            source,
+        })?;
+        let epoll = Epoll::new().map_err(|source| Error::Io {
+            op: "epoll_create",
+            source,
+        })?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(|source| Error::Io {
+                op: "epoll_ctl",
+                source,
+            })?;
+        Ok(Self {
+            guest_cid,
+            uds: uds.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            pending: HashMap::new(),
+            rx_queue: VecDeque::new(),
+            orphan_rx: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn connection(&self, local: u32, peer: u32) -> Option<&Connection> {
+        self.conns.get(&(local, peer))
+    }
+
+    fn watch(&self, fd: RawFd, token: u64) {
+        let ev = EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
+            token,
+        );
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+            tracing::warn!(error = %e, "vsock: epoll add");
+        }
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn schedule(&mut self, key: Key) {
+        if !self.rx_queue.contains(&key) {
+            self.rx_queue.push_back(key);
+        }
+    }
+
+    fn remove(&mut self, key: Key) {
+        if let Some(c) = self.conns.remove(&key) {
+            let fd = c.stream.as_raw_fd();
+            self.unwatch(fd);
+            self.by_fd.remove(&fd);
+        }
+        self.rx_queue.retain(|k| *k != key);
+    }
+
+    fn rst_for(&self, hdr: &Header) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// A packet from the guest's TX queue.
+    pub fn on_guest_packet(&mut self, pkt: TxPacket) {
+        let hdr = pkt.hdr;
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            tracing::debug!(?hdr, "vsock: packet with wrong addresses dropped");
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM {
+            if hdr.op != OP_RST {
+                self.orphan_rx.push_back(self.rst_for(&hdr));
+            }
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            let verdict = conn.on_guest_packet(&hdr, &pkt.data);
+            match verdict {
+                Verdict::Remove => self.remove(key),
+                Verdict::Keep => {
+                    if conn.wants_rx() {
+                        self.schedule(key);
+                    }
+                }
+            }
+            return;
+        }
+        match hdr.op {
+            OP_REQUEST => self.guest_connect(&hdr),
+            OP_RST => {}
+            _ => self.orphan_rx.push_back(self.rst_for(&hdr)),
+        }
+    }
+
+    fn guest_connect(&mut self, hdr: &Header) {
+        let path = format!("{}_{}", self.uds.display(), hdr.dst_port);
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.orphan_rx.push_back(self.rst_for(hdr));
+            return;
+        }
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(path, error = %e, "vsock: guest connect refused");
+                self.orphan_rx.push_back(self.rst_for(hdr));
+                return;
+            }
+        };
+        if stream.set_nonblocking(true).is_err() {
+            self.orphan_rx.push_back(self.rst_for(hdr));
+            return;
+        }
+        let conn = Connection::guest_initiated(stream, hdr, self.guest_cid);
+        let key = (conn.local_port, conn.peer_port);
+        let fd = conn.stream.as_raw_fd();
+        self.watch(fd, fd as u64);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, conn);
+        self.schedule(key);
+    }
+
+    /// Is anything waiting for the guest's RX queue?
+    pub fn has_rx(&self) -> bool {
+        !self.orphan_rx.is_empty() || !self.rx_queue.is_empty()
+    }
+
+    /// Produce the next packet for the guest, with at most `max_data` bytes
+    /// of payload.
+    pub fn next_rx(&mut self, max_data: usize) -> Option<(Header, Vec<u8>)> {
+        if let Some(h) = self.orphan_rx.pop_front() {
+            return Some((h, Vec::new()));
+        }
+        while let Some(key) = self.rx_queue.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let pkt = conn.next_rx(max_data);
+            let again = conn.wants_rx();
+            let closed = conn.is_closed();
+            if closed {
+                self.remove(key);
+            } else if again {
+                // Round-robin: it goes to the back.
+                self.rx_queue.push_back(key);
+            }
+            if pkt.is_some() {
+                return pkt;
+            }
+        }
+        None
+    }
+
+    /// The muxer's epoll fd is ready: accept, read CONNECT lines, note
+    /// readable/writable sockets.
+    pub fn process_events(&mut self) {
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock epoll");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == LISTENER_TOKEN {
+                    self.accept_all();
+                    continue;
+                }
+                let fd = token as RawFd;
+                let set = ev.event_set();
+                if self.pending.contains_key(&fd) {
+                    self.read_connect_line(fd);
+                    continue;
+                }
+                let Some(&key) = self.by_fd.get(&fd) else {
+                    continue;
+                };
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    continue;
+                };
+                if set.contains(EventSet::OUT) && conn.flush_tx().is_err() {
+                    conn.reset();
+                }
+                if set.intersects(EventSet::IN | EventSet::READ_HANG_UP) {
+                    conn.readable = true;
+                }
+                if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    conn.on_host_hangup();
+                }
+                if conn.wants_rx() {
+                    self.schedule(key);
+                } else if conn.is_closed() {
+                    self.remove(key);
+                }
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = s.as_raw_fd();
+                    self.watch(fd, fd as u64);
+                    self.pending.insert(fd, (s, Vec::new(), Instant::now()));
+                    self.read_connect_line(fd);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock accept");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some((stream, line, _)) = self.pending.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        // Byte by byte: nothing after the newline is consumed (it is data).
+        let outcome = loop {
+            match stream.read(&mut byte) {
+                Ok(0) => break Err("closed before CONNECT".to_string()),
+                Ok(_) if byte[0] == b'\n' => break parse_connect(line),
+                Ok(_) => {
+                    line.push(byte[0]);
+                    if line.len() > MAX_CONNECT_LINE {
+                        break Err("CONNECT line too long".to_string());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        let (stream, _, _) = self.pending.remove(&fd).expect("present");
+        match outcome {
+            Ok(port) if self.conns.len() < MAX_CONNECTIONS => {
+                let local = self.alloc_local_port();
+                let conn = Connection::host_initiated(
+                    stream,
+                    local,
+                    port,
+                    self.guest_cid,
+                    Instant::now() + CONNECT_TIMEOUT,
+                );
+                let key = (local, port);
+                self.by_fd.insert(fd, key);
+                self.conns.insert(key, conn);
+                self.schedule(key);
+            }
+            Ok(_) => {
+                tracing::warn!("vsock: too many connections");
+                self.unwatch(fd);
+            }
+            Err(why) => {
+                tracing::debug!(why, "vsock: bad host connection");
+                self.unwatch(fd);
+            }
+        }
+    }
+
+    fn alloc_local_port(&mut self) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.keys().any(|(l, _)| *l == p) {
+                return p;
+            }
+        }
+    }
+
+    /// Once a second: connect timeouts (ours and the host's CONNECT line).
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (k, c) in self.conns.iter_mut() {
+            if c.check_deadline(now) {
+                due.push(*k);
+            }
+        }
+        for k in due {
+            self.schedule(k);
+        }
+        let stale: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, _, t))| now.duration_since(*t) > CONNECT_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            self.unwatch(fd);
+            self.pending.remove(&fd);
+        }
+    }
+
+    /// Driver reset: forget every connection (closing the host sockets).
+    pub fn reset(&mut self) {
+        for (_, c) in self.conns.drain() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.by_fd.clear();
+        self.rx_queue.clear();
+        self.orphan_rx.clear();
+    }
+
+    #[cfg(test)]
+    pub fn state_of(&self, local: u32, peer: u32) -> Option<super::connection::State> {
+        self.conns.get(&(local, peer)).map(|c| c.state)
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+/// Parse `CONNECT <port>` (without the newline).
+pub fn parse_connect(line: &[u8]) -> Result<u32, String> {
+    let s = std::str::from_utf8(line).map_err(|_| "CONNECT line is not UTF-8".to_string())?;
+    let s = s.trim_end_matches('\r');
+    let port = s
+        .strip_prefix("CONNECT ")
+        .ok_or_else(|| format!("expected `CONNECT <port>`, got {s:?}"))?;
+    port.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("bad port in {s:?}"))
+}

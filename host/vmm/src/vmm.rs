@@ -1,0 +1,254 @@
+//! The run loop: vCPU threads plus one event loop thread (the caller's)
+//! that waits for guest exit, SIGTERM/SIGINT, and device back-end I/O.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmpod_runtime::hypervisor::ExitReason;
+
+use crate::builder::{BuiltVm, IoBuses};
+use crate::devices::ExitSignal;
+use crate::hypervisor::{Vcpu, VcpuExit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("event loop set-up ({op}): {source}")]
+    Setup {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handler: {0}")]
+    Signal(String),
+    #[error("spawning vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Where the SIGTERM/SIGINT handler writes (an eventfd), or -1.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a local.
+        unsafe {
+            libc::write(fd, (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn vcpu_kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+const TOKEN_EXIT: u64 = u64::MAX;
+const TOKEN_SIGNAL: u64 = u64::MAX - 1;
+const TICK: Duration = Duration::from_secs(1);
+
+/// Run the VM until it stops; returns why.
+pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
+    let BuiltVm {
+        vcpus,
+        vm: _vm_fd,
+        mem: _mem,
+        io,
+        exit,
+        virtio,
+        vsock_uds,
+        cmdline: _,
+    } = vm;
+
+    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+        op: "eventfd",
+        source,
+    })?;
+    STOP_FD.store(stop_evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        register_signal_handler(sig, on_stop_signal).map_err(|e| Error::Signal(e.to_string()))?;
+    }
+    register_signal_handler(vcpu_kick_signal(), on_kick)
+        .map_err(|e| Error::Signal(e.to_string()))?;
+
+    let epoll = Epoll::new().map_err(|source| Error::Setup {
+        op: "epoll_create",
+        source,
+    })?;
+    let add = |fd: i32, token: u64, events: EventSet| {
+        epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+            .map_err(|source| Error::Setup {
+                op: "epoll_ctl",
+                source,
+            })
+    };
+    add(exit.event_fd().as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
+    add(stop_evt.as_raw_fd(), TOKEN_SIGNAL, EventSet::IN)?;
+    for (i, t) in virtio.iter().enumerate() {
+        let fd = t
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .backend_fd();
+        if let Some(fd) = fd {
+            // Edge-triggered: devices drain their back-end until EAGAIN or
+            // until the guest has no buffers, and resume on queue notify.
+            add(fd, i as u64, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (io, exit, stop) = (io.clone(), exit.clone(), stop.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(id, vcpu, &io, &exit, &stop))
+            .map_err(Error::Spawn)?;
+        threads.push(h);
+    }
+
+    let started = Instant::now();
+    let mut last_tick = Instant::now();
+    let mut events = vec![EpollEvent::default(); 16];
+    let reason = loop {
+        let n = match epoll.wait(TICK.as_millis() as i32, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(source) => {
+                break ExitReason::Crashed(format!("VMM event loop failed: {source}"));
+            }
+        };
+        let mut done = None;
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_EXIT => {
+                    let _ = exit.event_fd().read();
+                    if let Some(r) = exit.reason() {
+                        done = Some(r);
+                    }
+                }
+                TOKEN_SIGNAL => {
+                    let _ = stop_evt.read();
+                    tracing::info!("stop signal received");
+                    done = Some(ExitReason::Stopped);
+                }
+                i => {
+                    if let Some(t) = virtio.get(i as usize) {
+                        t.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .device_mut()
+                            .backend_event();
+                    }
+                }
+            }
+        }
+        if let Some(r) = done {
+            break r;
+        }
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            for t in &virtio {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device_mut()
+                    .tick();
+            }
+        }
+    };
+    tracing::info!(
+        ?reason,
+        uptime_ms = started.elapsed().as_millis() as u64,
+        "VM stopping"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    join_vcpus(threads);
+    STOP_FD.store(-1, Ordering::SeqCst);
+    // Devices (and their sockets, TAP fds) go away with `virtio`.
+    drop(virtio);
+    let _ = std::fs::remove_file(&vsock_uds);
+    Ok(reason)
+}
+
+/// Kick vCPU threads out of KVM_RUN until they notice `stop` and exit.
+fn join_vcpus(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for h in threads {
+        while !h.is_finished() && Instant::now() < deadline {
+            let _ = h.kill(vcpu_kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!("vCPU thread did not stop; leaving it to process exit");
+        }
+    }
+}
+
+fn vcpu_loop(
+    id: usize,
+    mut vcpu: Box<dyn Vcpu>,
+    io: &IoBuses,
+    exit: &ExitSignal,
+    stop: &AtomicBool,
+) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let r = match vcpu.run(io) {
+            Ok(VcpuExit::Handled) | Ok(VcpuExit::Interrupted) => continue,
+            Ok(VcpuExit::Hlt) => {
+                // Only reached without an in-kernel LAPIC; treat as power-off.
+                ExitReason::PowerOff
+            }
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!(vcpu = id, "triple fault / shutdown");
+                exit.request_reset();
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    exit.request_reset();
+                    return;
+                }
+                other => ExitReason::Crashed(format!("system event {other}")),
+            },
+            Ok(VcpuExit::InternalError { suberror, data }) => ExitReason::Crashed(format!(
+                "KVM internal error on vCPU {id}: suberror {suberror} ({}), data {:x?}",
+                internal_error_name(suberror),
+                data
+            )),
+            Ok(VcpuExit::FailEntry(reason)) => {
+                ExitReason::Crashed(format!("VM entry failed on vCPU {id}: reason {reason:#x}"))
+            }
+            Ok(VcpuExit::Unexpected(what)) => {
+                ExitReason::Crashed(format!("unexpected exit on vCPU {id}: {what}"))
+            }
+            Err(e) => ExitReason::Crashed(format!("vCPU {id}: {e}")),
+        };
+        exit.request(r);
+        return;
+    }
+}
+
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "delivery event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
+}
