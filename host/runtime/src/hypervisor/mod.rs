@@ -1,14 +1,43 @@
 //! The hypervisor seam: the only thing the sandbox code knows about VMs.
 //!
-//! Two backends implement [`Hypervisor`]: `builtin` (our KVM VMM, see the
-//! `vmpod-vmm` crate) and `qemu` (`qemu-system-x86_64 -M microvm` plus
-//! vhost-user helpers). Both expose the guest's vsock through a unix socket
-//! speaking Firecracker's hybrid-vsock protocol, so callers are identical.
+//! Two backends implement [`Hypervisor`]:
+//! - [`builtin::BuiltinHypervisor`]: our KVM VMM (crate `vmpod-vmm`), run as
+//!   a supervised child process `vmpod vm run --hypervisor builtin`.
+//! - [`qemu::QemuHypervisor`]: `qemu-system-x86_64 -M microvm` plus the
+//!   vhost-user helpers `vhost-device-vsock` and `virtiofsd`.
+//!
+//! Both expose the guest's vsock through a unix socket speaking Firecracker's
+//! hybrid-vsock protocol (host connects to [`VmHandle::vsock_uds`], writes
+//! `CONNECT <port>\n`, reads `OK <port>\n`; guest connections to CID 2 port P
+//! arrive at `<vsock_uds>_P`), so callers are identical.
+//!
+//! Typical use (async):
+//! ```no_run
+//! # async fn demo(config: vmpod_runtime::hypervisor::VmConfig) -> vmpod_runtime::hypervisor::Result<()> {
+//! use vmpod_runtime::hypervisor::{qemu::{Accel, QemuHypervisor}, Hypervisor};
+//! let hv = QemuHypervisor::discover(Accel::Auto)?;
+//! let vm = hv.start(&config).await?; // validates the config first
+//! // ... talk to the guest through vm.vsock_uds() ...
+//! let reason = vm.stop().await?; // or vm.wait().await? until the guest exits
+//! # Ok(()) }
+//! ```
+//! Dropping a handle kills the VM and every helper and removes the sockets.
 
-use std::path::PathBuf;
+pub mod builtin;
+pub mod console;
+pub mod host;
+mod process;
+pub mod qemu;
+pub mod tools;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+pub use validate::{MIN_MEMORY_MIB, VIRTIO_FS_TAG_MAX};
 
 /// Plain data describing one microVM. Backends translate it; nothing here is
 /// backend-specific.
@@ -18,7 +47,8 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     /// Kernel command line as given by the user; backends may append what the
-    /// host needs (e.g. PVM feature masks) but never drop any of it.
+    /// host needs (e.g. PVM feature masks, `console=ttyS0`) but never drop or
+    /// change any of it.
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_mib: u32,
@@ -46,7 +76,8 @@ pub struct NetConfig {
     pub mac: String,
 }
 
-/// A host directory shared into the guest with virtio-fs under `tag`.
+/// A host directory shared into the guest with virtio-fs under `tag`
+/// (guest: `mount -t virtiofs <tag> /mnt`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SharedDirConfig {
     pub tag: String,
@@ -76,6 +107,47 @@ impl ExitReason {
     }
 }
 
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::PowerOff => f.write_str("guest powered off"),
+            ExitReason::Reboot => f.write_str("guest rebooted"),
+            ExitReason::Crashed(why) => write!(f, "guest crashed: {why}"),
+            ExitReason::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// Which backend runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    Builtin,
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = HypervisorError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "builtin" => Ok(HypervisorKind::Builtin),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            other => Err(HypervisorError::InvalidConfig(format!(
+                "unknown hypervisor {other:?} (expected builtin or qemu)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Builtin => "builtin",
+            HypervisorKind::Qemu => "qemu",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("invalid VM config: {0}")]
@@ -92,6 +164,12 @@ pub enum HypervisorError {
     Other(String),
 }
 
+impl HypervisorError {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> HypervisorError {
+        move |source| HypervisorError::Io { op, source }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
 /// A backend able to start microVMs.
@@ -99,20 +177,104 @@ pub type Result<T> = std::result::Result<T, HypervisorError>;
 pub trait Hypervisor: Send + Sync {
     /// Short name: `builtin` or `qemu`.
     fn name(&self) -> &'static str;
-    /// Start a VM; returns once the VMM process runs (not once the guest booted).
+    /// Validate `config`, then start a VM; returns once the VMM process runs
+    /// (not once the guest booted).
     async fn start(&self, config: &VmConfig) -> Result<Box<dyn VmHandle>>;
 }
 
-/// One running VM. Dropping a handle must not leak anything: implementations
-/// kill their processes and remove their sockets on drop.
+/// One running VM. Methods take `&self` so one task can [`wait`](Self::wait)
+/// while another calls [`stop`](Self::stop) (share it in an `Arc`).
+/// Dropping a handle must not leak anything: implementations kill their
+/// processes and remove their sockets on drop.
 #[async_trait]
-pub trait VmHandle: Send {
-    fn vsock_uds(&self) -> &std::path::Path;
-    fn console_log(&self) -> &std::path::Path;
+pub trait VmHandle: Send + Sync {
+    fn vsock_uds(&self) -> &Path;
+    fn console_log(&self) -> &Path;
     /// PID of the main VMM process (for stats and debugging).
     fn pid(&self) -> Option<u32>;
     /// Stop the VM (graceful, then forceful) and clean up every helper.
-    async fn stop(&mut self) -> Result<ExitReason>;
-    /// Wait until the VM exits on its own.
-    async fn wait(&mut self) -> Result<ExitReason>;
+    /// Returns the exit reason (the guest's own if it had already exited).
+    async fn stop(&self) -> Result<ExitReason>;
+    /// Wait until the VM exits on its own (or is stopped).
+    async fn wait(&self) -> Result<ExitReason>;
+}
+
+/// Append `extra` arguments to a user's kernel command line, keeping the
+/// user's words as given: an argument whose key (text before `=`) the user
+/// already set is not added, and ours go before a user `--` (which starts
+/// init's arguments).
+pub fn append_cmdline(user: &str, extra: &[&str]) -> String {
+    let user = user.trim();
+    let (kernel_part, init_part) = match user.find(" -- ") {
+        Some(i) => (&user[..i], Some(&user[i + 4..])),
+        None if user == "--" => ("", Some("")),
+        None => match user.strip_suffix(" --") {
+            Some(k) => (k, Some("")),
+            None => (user, None),
+        },
+    };
+    let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
+    let present: Vec<String> = kernel_part.split_whitespace().map(key).collect();
+    let mut words: Vec<&str> = Vec::new();
+    if !kernel_part.is_empty() {
+        words.push(kernel_part);
+    }
+    for arg in extra.iter().flat_map(|e| e.split_whitespace()) {
+        if !present.contains(&key(arg)) {
+            words.push(arg);
+        }
+    }
+    let mut line = words.join(" ");
+    if let Some(init) = init_part {
+        line.push_str(" --");
+        if !init.is_empty() {
+            line.push(' ');
+            line.push_str(init);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_keeps_user_words_and_skips_keys_already_set() {
+        assert_eq!(
+            append_cmdline("console=hvc0 quiet", &["console=ttyS0", "panic=-1"]),
+            "console=hvc0 quiet panic=-1"
+        );
+        assert_eq!(append_cmdline("", &["a=1 b"]), "a=1 b");
+    }
+
+    #[test]
+    fn append_goes_before_init_arguments() {
+        assert_eq!(
+            append_cmdline("quiet -- --debug panic=3", &["panic=-1"]),
+            "quiet panic=-1 -- --debug panic=3"
+        );
+        assert_eq!(append_cmdline("quiet --", &["x"]), "quiet x --");
+    }
+
+    #[test]
+    fn exit_reason_cleanliness() {
+        assert!(ExitReason::PowerOff.is_clean());
+        assert!(ExitReason::Stopped.is_clean());
+        assert!(!ExitReason::Crashed("x".into()).is_clean());
+        assert_eq!(
+            ExitReason::Crashed("Kernel panic".into()).to_string(),
+            "guest crashed: Kernel panic"
+        );
+    }
+
+    #[test]
+    fn hypervisor_kind_parses() {
+        assert_eq!(
+            "qemu".parse::<HypervisorKind>().unwrap(),
+            HypervisorKind::Qemu
+        );
+        let err = "xen".parse::<HypervisorKind>().unwrap_err().to_string();
+        assert!(err.contains("xen"), "{err}");
+    }
 }

@@ -1,0 +1,625 @@
+//! Host side of the guest agent protocol: a ttrpc client over the VMM's
+//! hybrid-vsock unix socket (connect, `CONNECT <port>\n`, `OK <hostport>\n`,
+//! then a byte stream to the guest's vsock port).
+//!
+//! Every call has a timeout; [`AgentClient::connect_retry`] retries with
+//! backoff while the guest boots. Output is read in chunks of at most
+//! 64 KiB, which keeps vsock traffic far below the 256 KiB in-flight limit
+//! of the QEMU backend's vsock device.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::context::{self, Context};
+use vmpod_proto::agent::*;
+use vmpod_proto::agent_ttrpc::AgentClient as RawAgent;
+use vmpod_proto::health::{
+    check_response::ServingStatus, CheckRequest, VersionRequest, VersionResponse,
+};
+use vmpod_proto::health_ttrpc::HealthClient;
+
+pub use vmpod_proto::agent;
+pub use vmpod_proto::AGENT_VSOCK_PORT;
+
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error("connect to agent socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hybrid vsock handshake on {path} (port {port}): {msg}")]
+    Handshake {
+        path: PathBuf,
+        port: u32,
+        msg: String,
+    },
+    #[error("agent {op}: {code:?}: {message}")]
+    Rpc {
+        op: &'static str,
+        code: ttrpc::Code,
+        message: String,
+    },
+    #[error("agent {op}: {message}")]
+    Transport { op: &'static str, message: String },
+    #[error("agent {op} timed out after {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+    #[error("agent not reachable on {path} within {waited:?}: {last}")]
+    NotReady {
+        path: PathBuf,
+        waited: Duration,
+        last: Box<AgentClientError>,
+    },
+}
+
+impl AgentClientError {
+    /// The agent's status code, if the agent answered with an error.
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_ttrpc(op: &'static str, e: ttrpc::Error, timeout: Duration) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s)
+                if s.code() == ttrpc::Code::DEADLINE_EXCEEDED
+                    && s.message().contains("timeout") =>
+            {
+                AgentClientError::Timeout { op, timeout }
+            }
+            ttrpc::Error::RpcStatus(s) => AgentClientError::Rpc {
+                op,
+                code: s.code(),
+                message: s.message().to_string(),
+            },
+            other => AgentClientError::Transport {
+                op,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AgentClientError>;
+
+/// Which output stream to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Exit of a container process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub exit_code: i32,
+    pub signal: i32,
+    pub oom_killed: bool,
+    pub started_at_unix_nanos: i64,
+    pub finished_at_unix_nanos: i64,
+}
+
+impl From<WaitProcessResponse> for ExitStatus {
+    fn from(r: WaitProcessResponse) -> Self {
+        ExitStatus {
+            exit_code: r.exit_code,
+            signal: r.signal,
+            oom_killed: r.oom_killed,
+            started_at_unix_nanos: r.started_at_unix_nanos,
+            finished_at_unix_nanos: r.finished_at_unix_nanos,
+        }
+    }
+}
+
+/// An exec request (args plus optional settings).
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `user[:group]`, resolved in the container.
+    pub username: Option<String>,
+    pub terminal: bool,
+    pub stdin: bool,
+}
+
+/// A connected agent client. Cheap to clone (one connection).
+#[derive(Clone)]
+pub struct AgentClient {
+    agent: RawAgent,
+    health: HealthClient,
+    timeout: Duration,
+}
+
+/// Open the hybrid-vsock stream to `port` in the guest.
+pub async fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream> {
+    let hs = |msg: String| AgentClientError::Handshake {
+        path: uds.into(),
+        port,
+        msg,
+    };
+    let mut s = UnixStream::connect(uds)
+        .await
+        .map_err(|source| AgentClientError::Connect {
+            path: uds.into(),
+            source,
+        })?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| hs(format!("write: {e}")))?;
+    // Read the reply byte by byte: what follows belongs to ttrpc.
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let mut b = [0u8; 1];
+        let n = s.read(&mut b).await.map_err(|e| hs(format!("read: {e}")))?;
+        if n == 0 {
+            return Err(hs(format!(
+                "connection closed after {:?} (nothing listening on the port yet?)",
+                String::from_utf8_lossy(&line)
+            )));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 64 {
+            return Err(hs("reply line too long".into()));
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    if !line.starts_with("OK ") {
+        return Err(hs(format!("unexpected reply {line:?}")));
+    }
+    Ok(s)
+}
+
+impl AgentClient {
+    /// One connection attempt.
+    pub async fn connect(uds: &Path, port: u32, handshake_timeout: Duration) -> Result<Self> {
+        let s = tokio::time::timeout(handshake_timeout, connect_stream(uds, port))
+            .await
+            .map_err(|_| AgentClientError::Timeout {
+                op: "connect",
+                timeout: handshake_timeout,
+            })??;
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(s));
+        Ok(AgentClient {
+            agent: RawAgent::new(client.clone()),
+            health: HealthClient::new(client),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Connect and pass a health check, retrying with backoff (the VM may
+    /// still be booting) until `total` elapsed.
+    pub async fn connect_retry(uds: &Path, port: u32, total: Duration) -> Result<Self> {
+        let start = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let left = total.saturating_sub(start.elapsed());
+            let attempt = async {
+                let c = AgentClient::connect(uds, port, left.min(Duration::from_secs(5))).await?;
+                c.with_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)))
+                    .check()
+                    .await?;
+                Ok::<_, AgentClientError>(c)
+            };
+            match attempt.await {
+                Ok(c) => {
+                    tracing::debug!(uds = %uds.display(), waited = ?start.elapsed(), "agent connected");
+                    return Ok(c);
+                }
+                Err(e) if start.elapsed() + delay >= total => {
+                    return Err(AgentClientError::NotReady {
+                        path: uds.into(),
+                        waited: start.elapsed(),
+                        last: Box::new(e),
+                    })
+                }
+                Err(e) => {
+                    tracing::trace!(error = %e, "agent not ready yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// A copy with another per-call timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        AgentClient {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    fn ctx(&self) -> Context {
+        context::with_duration(self.timeout)
+    }
+
+    /// Run an RPC under the client timeout (enforced locally too, so a
+    /// stalled connection cannot hang the caller).
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        let t = self.timeout;
+        match tokio::time::timeout(t + Duration::from_millis(500), f).await {
+            Ok(r) => r.map_err(|e| AgentClientError::from_ttrpc(op, e, t)),
+            Err(_) => Err(AgentClientError::Timeout { op, timeout: t }),
+        }
+    }
+
+    pub async fn check(&self) -> Result<()> {
+        let r = self
+            .call(
+                "health check",
+                self.health.check(self.ctx(), &CheckRequest::new()),
+            )
+            .await?;
+        if r.status.enum_value_or_default() != ServingStatus::SERVING {
+            return Err(AgentClientError::Rpc {
+                op: "health check",
+                code: ttrpc::Code::UNAVAILABLE,
+                message: format!("agent reports {:?}", r.status),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn version(&self) -> Result<VersionResponse> {
+        self.call(
+            "version",
+            self.health.version(self.ctx(), &VersionRequest::new()),
+        )
+        .await
+    }
+
+    pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<()> {
+        self.call(
+            "create sandbox",
+            self.agent.create_sandbox(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Set the guest clock to the host's.
+    pub async fn sync_time(&self) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let req = SetTimeRequest {
+            unix_nanos: now,
+            ..Default::default()
+        };
+        self.call("set time", self.agent.set_time(self.ctx(), &req))
+            .await
+            .map(drop)
+    }
+
+    pub async fn destroy_sandbox(&self) -> Result<()> {
+        self.call(
+            "destroy sandbox",
+            self.agent
+                .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new()),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {
+        self.call(
+            "guest details",
+            self.agent
+                .guest_details(self.ctx(), &GuestDetailsRequest::new()),
+        )
+        .await
+    }
+
+    /// Create a container from an OCI runtime spec (config.json bytes).
+    pub async fn create_container(
+        &self,
+        id: &str,
+        oci_spec_json: Vec<u8>,
+        rootfs: &str,
+        username: Option<&str>,
+        stdin: bool,
+    ) -> Result<u32> {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json,
+            rootfs: rootfs.into(),
+            username: username.unwrap_or_default().into(),
+            stdin,
+            ..Default::default()
+        };
+        Ok(self
+            .call(
+                "create container",
+                self.agent.create_container(self.ctx(), &req),
+            )
+            .await?
+            .pid)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let req = StartContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.call(
+            "start container",
+            self.agent.start_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.call("signal", self.agent.signal_process(self.ctx(), &req))
+            .await
+            .map(drop)
+    }
+
+    /// Wait for a process to exit (bounded by this client's timeout).
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<ExitStatus> {
+        let req = WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        Ok(self
+            .call("wait", self.agent.wait_process(self.ctx(), &req))
+            .await?
+            .into())
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.call(
+            "remove container",
+            self.agent.remove_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn update_container(&self, id: &str, resources: LinuxResources) -> Result<()> {
+        let req = UpdateContainerRequest {
+            container_id: id.into(),
+            resources: Some(resources).into(),
+            ..Default::default()
+        };
+        self.call(
+            "update container",
+            self.agent.update_container(self.ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        let req = StatsContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.call("stats", self.agent.stats_container(self.ctx(), &req))
+            .await
+    }
+
+    pub async fn list_containers(&self) -> Result<Vec<ContainerInfo>> {
+        Ok(self
+            .call(
+                "list containers",
+                self.agent
+                    .list_containers(self.ctx(), &ListContainersRequest::new()),
+            )
+            .await?
+            .containers)
+    }
+
+    pub async fn exec(&self, id: &str, exec_id: &str, spec: &ExecSpec) -> Result<u32> {
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+            user: spec
+                .username
+                .as_ref()
+                .map(|u| User {
+                    username: u.clone(),
+                    ..Default::default()
+                })
+                .into(),
+            terminal: spec.terminal,
+            stdin: spec.stdin,
+            ..Default::default()
+        };
+        Ok(self
+            .call("exec", self.agent.exec_process(self.ctx(), &req))
+            .await?
+            .pid)
+    }
+
+    /// One chunk of output (waits up to `wait` for data). `(data, eof)`.
+    pub async fn read_chunk(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: OutputStream,
+        wait: Duration,
+    ) -> Result<(Vec<u8>, bool)> {
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            stream: match stream {
+                OutputStream::Stdout => Stream::STDOUT,
+                OutputStream::Stderr => Stream::STDERR,
+            }
+            .into(),
+            max_bytes: 64 << 10,
+            wait_ms: wait
+                .min(self.timeout.saturating_sub(Duration::from_millis(500)))
+                .as_millis() as u32,
+            ..Default::default()
+        };
+        let r = self
+            .call("read output", self.agent.read_stream(self.ctx(), &req))
+            .await?;
+        Ok((r.data, r.eof))
+    }
+
+    /// Read a stream to its end (the process and its children closed it).
+    pub async fn read_to_end(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: OutputStream,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let (d, eof) = self
+                .read_chunk(id, exec_id, stream, Duration::from_secs(5))
+                .await?;
+            out.extend(d);
+            if eof {
+                return Ok(out);
+            }
+        }
+    }
+
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
+        // Chunks of 64 KiB: stay far below the vsock in-flight limit.
+        for chunk in data.chunks(64 << 10) {
+            let req = WriteStdinRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                data: chunk.to_vec(),
+                ..Default::default()
+            };
+            self.call("write stdin", self.agent.write_stdin(self.ctx(), &req))
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = CloseStdinRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.call("close stdin", self.agent.close_stdin(self.ctx(), &req))
+            .await
+            .map(drop)
+    }
+
+    pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let req = ResizeTtyRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.call("resize tty", self.agent.resize_tty(self.ctx(), &req))
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    async fn fake_vsock(
+        reply: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock");
+        let l = UnixListener::bind(&path).unwrap();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(reply).await.unwrap();
+            buf
+        });
+        (dir, path, h)
+    }
+
+    #[tokio::test]
+    async fn handshake_ok_leaves_stream_untouched() {
+        let (_d, path, h) = fake_vsock(b"OK 1073741824\nTTRPC").await;
+        let mut s = connect_stream(&path, 1024).await.unwrap();
+        assert_eq!(h.await.unwrap(), b"CONNECT 1024\n");
+        let mut rest = [0u8; 5];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"TTRPC");
+    }
+
+    #[tokio::test]
+    async fn handshake_refused_is_clear() {
+        let (_d, path, _h) = fake_vsock(b"").await;
+        let e = connect_stream(&path, 1024).await.unwrap_err().to_string();
+        assert!(e.contains("handshake") && e.contains("closed"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn handshake_garbage_rejected() {
+        let (_d, path, _h) = fake_vsock(b"NOPE\n").await;
+        let e = connect_stream(&path, 1024).await.unwrap_err().to_string();
+        assert!(e.contains("unexpected reply"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn retry_gives_up_with_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = AgentClient::connect_retry(
+            &dir.path().join("missing"),
+            1024,
+            Duration::from_millis(200),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, AgentClientError::NotReady { .. }), "{e}");
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn wait_response_maps() {
+        let r = WaitProcessResponse {
+            exit_code: 137,
+            signal: 9,
+            oom_killed: true,
+            ..Default::default()
+        };
+        let e: ExitStatus = r.into();
+        assert!(e.oom_killed && e.signal == 9 && e.exit_code == 137);
+    }
+}

@@ -1,0 +1,192 @@
+//! The built-in VMM behind the [`Hypervisor`] trait: each VM is a supervised
+//! child process `vmpod vm run --hypervisor builtin --config FILE
+//! --exit-json FILE` (crate `vmpod-vmm` runs it in that process), so a VM
+//! crash can never take the daemon down and every VM is one PID to account.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Child;
+use tokio::sync::{mpsc, watch};
+
+use super::process::{self, log_tail, terminate};
+use super::{ExitReason, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
+
+/// SIGTERM grace before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct BuiltinHypervisor {
+    vmpod: PathBuf,
+}
+
+impl BuiltinHypervisor {
+    /// Use `vmpod` (the binary with the `vm run` subcommand).
+    pub fn new(vmpod: PathBuf) -> BuiltinHypervisor {
+        BuiltinHypervisor { vmpod }
+    }
+
+    /// Use the running executable (right inside the `vmpod` daemon).
+    pub fn current_exe() -> Result<BuiltinHypervisor> {
+        std::env::current_exe()
+            .map(BuiltinHypervisor::new)
+            .map_err(HypervisorError::io("locating the vmpod executable"))
+    }
+
+    pub async fn start_vm(&self, config: &VmConfig) -> Result<BuiltinVm> {
+        config.validate()?;
+        let dir = tempfile::Builder::new()
+            .prefix("vmpod-vm-")
+            .tempdir()
+            .map_err(HypervisorError::io("creating the VM's runtime dir"))?;
+        let config_path = dir.path().join("config.json");
+        let exit_path = dir.path().join("exit.json");
+        let log = dir.path().join("vmm.log");
+        let json = serde_json::to_vec_pretty(config)
+            .map_err(|e| HypervisorError::Other(format!("serialising VM config: {e}")))?;
+        std::fs::write(&config_path, json).map_err(HypervisorError::io("writing VM config"))?;
+        let args = vec![
+            "vm".to_string(),
+            "run".into(),
+            "--hypervisor".into(),
+            "builtin".into(),
+            "--config".into(),
+            config_path.to_string_lossy().into_owned(),
+            "--exit-json".into(),
+            exit_path.to_string_lossy().into_owned(),
+        ];
+        let mut child = process::spawn(&self.vmpod, &args, &log, false)?;
+        process::wait_for_path(
+            &config.vsock_uds,
+            &mut child,
+            "vmpod vm run",
+            &log,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let pid = child.id();
+        tracing::info!(pid, vsock = %config.vsock_uds.display(), "built-in microVM started");
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let sup = Supervisor {
+            child,
+            log,
+            exit_path,
+            vsock_uds: config.vsock_uds.clone(),
+            _dir: dir,
+            stopping: false,
+        };
+        tokio::spawn(sup.run(stop_rx, exit_tx));
+        Ok(BuiltinVm {
+            vsock_uds: config.vsock_uds.clone(),
+            console_log: config.console_log.clone(),
+            pid,
+            stop_tx,
+            exit_rx,
+        })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for BuiltinHypervisor {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    async fn start(&self, config: &VmConfig) -> Result<Box<dyn VmHandle>> {
+        Ok(Box::new(self.start_vm(config).await?))
+    }
+}
+
+/// Handle to one built-in VM (its `vmpod vm run` process). Dropping it kills
+/// the process.
+pub struct BuiltinVm {
+    vsock_uds: PathBuf,
+    console_log: PathBuf,
+    pid: Option<u32>,
+    stop_tx: mpsc::UnboundedSender<()>,
+    exit_rx: watch::Receiver<Option<ExitReason>>,
+}
+
+#[async_trait]
+impl VmHandle for BuiltinVm {
+    fn vsock_uds(&self) -> &Path {
+        &self.vsock_uds
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    async fn stop(&self) -> Result<ExitReason> {
+        let _ = self.stop_tx.send(());
+        self.wait().await
+    }
+
+    async fn wait(&self) -> Result<ExitReason> {
+        let mut rx = self.exit_rx.clone();
+        let reason = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| HypervisorError::Other("VM supervisor ended without a reason".into()))?;
+        Ok(reason.clone().unwrap_or(ExitReason::Stopped))
+    }
+}
+
+struct Supervisor {
+    child: Child,
+    log: PathBuf,
+    exit_path: PathBuf,
+    vsock_uds: PathBuf,
+    _dir: tempfile::TempDir,
+    stopping: bool,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut stop_rx: mpsc::UnboundedReceiver<()>,
+        exit_tx: watch::Sender<Option<ExitReason>>,
+    ) {
+        let status = tokio::select! {
+            status = self.child.wait() => status,
+            req = stop_rx.recv() => {
+                self.stopping = true;
+                if req.is_some() {
+                    terminate(&mut self.child, STOP_GRACE).await;
+                } else {
+                    let _ = self.child.start_kill();
+                }
+                self.child.wait().await
+            }
+        };
+        let reason = self.reason(status);
+        tracing::info!(%reason, "built-in microVM ended");
+        let _ = std::fs::remove_file(&self.vsock_uds);
+        let _ = exit_tx.send(Some(reason));
+    }
+
+    fn reason(&self, status: std::io::Result<std::process::ExitStatus>) -> ExitReason {
+        if let Some(r) = std::fs::read(&self.exit_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ExitReason>(&b).ok())
+        {
+            return r;
+        }
+        if self.stopping {
+            return ExitReason::Stopped;
+        }
+        match status {
+            Ok(s) => ExitReason::Crashed(format!(
+                "vmpod vm run exited with {s}: {}",
+                log_tail(&self.log, 3)
+            )),
+            Err(e) => ExitReason::Crashed(format!("waiting for the VMM failed: {e}")),
+        }
+    }
+}
