@@ -55,6 +55,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(AgentError::InvalidArgument(String::new()).code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert_eq!(
+            AgentError::InvalidArgument(String::new()).code(),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
     }
 }

@@ -26,7 +26,10 @@ fn main() {
         stage2::main();
     }
     let port = match first.as_deref() {
-        Some("--port") => args.next().and_then(|p| p.parse().ok()).unwrap_or(vmpod_proto::AGENT_VSOCK_PORT),
+        Some("--port") => args
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(vmpod_proto::AGENT_VSOCK_PORT),
         _ => vmpod_proto::AGENT_VSOCK_PORT,
     };
     let is_init = std::process::id() == 1;
@@ -41,7 +44,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "vmpod-agent starting");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "vmpod-agent starting"
+    );
     if let Err(e) = run(port, is_init) {
         tracing::error!(error = %e, "agent failed");
     }
@@ -74,15 +81,21 @@ async fn serve(port: u32, cgroups: Arc<DirCgroupFs>, _is_init: bool) -> Result<(
     let reaper = Arc::new(reaper::Reaper::default());
     tokio::spawn(reaper.clone().run());
     let agent = state::Agent::new(reaper, cgroups);
-    let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))
-        .map_err(|e| format!("listen on vsock port {port}: {e}"))?;
+    let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+        tokio_vsock::VMADDR_CID_ANY,
+        port,
+    ))
+    .map_err(|e| format!("listen on vsock port {port}: {e}"))?;
     let agent_svc = vmpod_proto::agent_ttrpc::create_agent(Arc::new(rpc::AgentService { agent }));
     let health_svc = vmpod_proto::health_ttrpc::create_health(Arc::new(rpc::HealthService));
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(listener.into())
         .register_service(agent_svc)
         .register_service(health_svc);
-    server.start().await.map_err(|e| format!("ttrpc server: {e}"))?;
+    server
+        .start()
+        .await
+        .map_err(|e| format!("ttrpc server: {e}"))?;
     tracing::info!(port, "serving ttrpc on vsock");
     std::future::pending::<()>().await;
     Ok(())

@@ -24,14 +24,44 @@ pub fn mount_base() {
         mount_one("sysfs", "/sys", "sysfs", nosuid, None);
     }
     if !Path::new("/dev/null").exists() {
-        mount_one("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+        mount_one(
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        );
     }
-    mount_one("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666"));
+    mount_one(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    );
     mount_one("shm", "/dev/shm", "tmpfs", nosuid, Some("mode=1777"));
-    mount_one("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
-    mount_one("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    mount_one(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_one(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
     if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        mount_one("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate"));
+        mount_one(
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid,
+            Some("nsdelegate"),
+        );
     }
 }
 
@@ -47,11 +77,11 @@ pub fn loopback_up() -> std::io::Result<()> {
         for (i, b) in b"lo\0".iter().enumerate() {
             req.ifr_name[i] = *b as libc::c_char;
         }
-        let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+        let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) < 0 {
             Err(std::io::Error::last_os_error())
         } else {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req) < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
                 Ok(())

@@ -51,7 +51,9 @@ impl Agent {
     pub fn reserve(&self, id: &str) -> Result<()> {
         let mut m = self.map();
         if m.contains_key(id) {
-            return Err(AgentError::AlreadyExists(format!("container {id:?} already exists")));
+            return Err(AgentError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
         }
         m.insert(id.to_string(), Slot::Reserved);
         Ok(())

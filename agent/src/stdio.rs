@@ -102,7 +102,10 @@ impl OutBuf {
                     return (Vec::new(), true);
                 }
             }
-            if tokio::time::timeout_at(deadline, self.ready.notified()).await.is_err() {
+            if tokio::time::timeout_at(deadline, self.ready.notified())
+                .await
+                .is_err()
+            {
                 return (Vec::new(), false);
             }
         }

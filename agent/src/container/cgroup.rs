@@ -65,7 +65,12 @@ pub enum CgroupError {
 fn err(rel: &Path, op: &'static str, file: &str) -> impl FnOnce(io::Error) -> CgroupError {
     let path = rel.display().to_string();
     let file = file.to_string();
-    move |source| CgroupError::Io { path, op, file, source }
+    move |source| CgroupError::Io {
+        path,
+        op,
+        file,
+        source,
+    }
 }
 
 /// Enable controllers at the root and in the pod parent (boot time).
@@ -108,14 +113,19 @@ impl Cgroup {
         &self.rel
     }
 
-    pub fn create(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
+    pub fn create(
+        &self,
+        fs: &dyn CgroupFs,
+        writes: &[(String, String)],
+    ) -> Result<(), CgroupError> {
         fs.mkdir(&self.rel).map_err(err(&self.rel, "mkdir", ""))?;
         self.apply(fs, writes)
     }
 
     pub fn apply(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
         for (file, value) in writes {
-            fs.write(&self.rel, file, value).map_err(err(&self.rel, "write", file))?;
+            fs.write(&self.rel, file, value)
+                .map_err(err(&self.rel, "write", file))?;
         }
         Ok(())
     }
@@ -164,7 +174,9 @@ impl Cgroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(last.map(err(&self.rel, "rmdir", "")).unwrap_or_else(|| CgroupError::Busy(self.rel.display().to_string())))
+        Err(last
+            .map(err(&self.rel, "rmdir", ""))
+            .unwrap_or_else(|| CgroupError::Busy(self.rel.display().to_string())))
     }
 }
 
@@ -184,7 +196,11 @@ mod tests {
     #[test]
     fn pod_parent_enables_available_controllers() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         // A real cgroupfs accumulates "+x" writes; a plain file keeps the last.
         let fs = DirCgroupFs::new(dir.path());
         setup_pod_parent(&fs).unwrap();
@@ -201,14 +217,30 @@ mod tests {
         std::fs::create_dir(dir.path().join("vmpod")).unwrap();
         let fs = DirCgroupFs::new(dir.path());
         let cg = Cgroup::for_container("c1");
-        cg.create(&fs, &[("memory.max".into(), "33554432".into()), ("pids.max".into(), "10".into())])
-            .unwrap();
+        cg.create(
+            &fs,
+            &[
+                ("memory.max".into(), "33554432".into()),
+                ("pids.max".into(), "10".into()),
+            ],
+        )
+        .unwrap();
         let leaf = dir.path().join("vmpod/c1");
-        assert_eq!(std::fs::read_to_string(leaf.join("memory.max")).unwrap(), "33554432");
-        assert_eq!(std::fs::read_to_string(leaf.join("pids.max")).unwrap(), "10");
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("memory.max")).unwrap(),
+            "33554432"
+        );
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("pids.max")).unwrap(),
+            "10"
+        );
         cg.add_pid(&fs, 42).unwrap();
         assert_eq!(cg.pids(&fs), vec![42]);
-        std::fs::write(leaf.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            leaf.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         assert!(cg.oom_killed(&fs));
         std::fs::write(leaf.join("memory.events"), "oom 0\noom_kill 0\n").unwrap();
         assert!(!cg.oom_killed(&fs));

@@ -46,9 +46,11 @@ pub async fn create(agent: &Arc<Agent>, req: CreateRequest) -> Result<u32> {
 fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Container>> {
     let id = &req.id;
     let bad = |e: spec::SpecError| AgentError::InvalidArgument(format!("container {id:?}: {e}"));
-    let oci: Spec = serde_json::from_slice(&req.spec_json)
-        .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: invalid OCI spec JSON: {e}")))?;
-    let mut stage = spec::init_stage(&oci, Some(req.rootfs.as_str()).filter(|r| !r.is_empty())).map_err(bad)?;
+    let oci: Spec = serde_json::from_slice(&req.spec_json).map_err(|e| {
+        AgentError::InvalidArgument(format!("container {id:?}: invalid OCI spec JSON: {e}"))
+    })?;
+    let mut stage =
+        spec::init_stage(&oci, Some(req.rootfs.as_str()).filter(|r| !r.is_empty())).map_err(bad)?;
     if let Some(u) = req.username.filter(|u| !u.is_empty()) {
         stage.process.user.username = Some(u);
     }

@@ -13,11 +13,16 @@ pub async fn remove(agent: &Arc<Agent>, id: &str) -> Result<()> {
     c.init.abandon();
     if c.init.exit_info().is_none() {
         let _ = agent.cgroups.write(c.cgroup.rel(), "cgroup.kill", "1");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.init.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.init.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     tokio::time::timeout(Duration::from_secs(10), c.init.wait())
         .await
-        .map_err(|_| AgentError::DeadlineExceeded(format!("container {id:?} did not exit after SIGKILL")))?;
+        .map_err(|_| {
+            AgentError::DeadlineExceeded(format!("container {id:?} did not exit after SIGKILL"))
+        })?;
     let a = agent.clone();
     let cg = c.cgroup.clone();
     tokio::task::spawn_blocking(move || cg.destroy(a.cgroups.as_ref()))

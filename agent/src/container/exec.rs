@@ -30,7 +30,9 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
         )));
     }
     if req.args.is_empty() {
-        return Err(AgentError::InvalidArgument("exec needs at least one argument".into()));
+        return Err(AgentError::InvalidArgument(
+            "exec needs at least one argument".into(),
+        ));
     }
     {
         let execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
@@ -54,15 +56,22 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
     }
     process.terminal = req.terminal;
     let pid = c.init.pid;
-    let mut namespaces: Vec<String> = ["ipc", "uts"].iter().map(|n| format!("/proc/{pid}/ns/{n}")).collect();
+    let mut namespaces: Vec<String> = ["ipc", "uts"]
+        .iter()
+        .map(|n| format!("/proc/{pid}/ns/{n}"))
+        .collect();
     if c.new_cgroupns {
         namespaces.push(format!("/proc/{pid}/ns/cgroup"));
     }
     namespaces.push(format!("/proc/{pid}/ns/mnt"));
-    let config = StageConfig { mode: StageMode::Exec { namespaces }, process };
+    let config = StageConfig {
+        mode: StageMode::Exec { namespaces },
+        process,
+    };
     let what = format!("exec {:?} in container {:?}", req.exec_id, req.container_id);
-    let pid_ns = std::fs::File::open(format!("/proc/{pid}/ns/pid"))
-        .map_err(|e| AgentError::FailedPrecondition(format!("{what}: container init is gone: {e}")))?;
+    let pid_ns = std::fs::File::open(format!("/proc/{pid}/ns/pid")).map_err(|e| {
+        AgentError::FailedPrecondition(format!("{what}: container init is gone: {e}"))
+    })?;
     let a = agent.clone();
     let c2 = c.clone();
     let stdin = req.stdin;
@@ -70,11 +79,24 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
     let p = tokio::task::spawn_blocking(move || {
         let p = launch(
             &a,
-            Launch { config, clone_flags: 0, stdin, cgroup: &c2.cgroup, pid_ns: Some(pid_ns), what: what.clone() },
+            Launch {
+                config,
+                clone_flags: 0,
+                stdin,
+                cgroup: &c2.cgroup,
+                pid_ns: Some(pid_ns),
+                what: what.clone(),
+            },
         )?;
-        c2.execs.lock().unwrap_or_else(|p| p.into_inner()).insert(exec_id, p.clone());
+        c2.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(exec_id, p.clone());
         if let Err(e) = p.start(&what) {
-            c2.execs.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.exec_id);
+            c2.execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&req.exec_id);
             return Err(e);
         }
         Ok(p)

@@ -71,7 +71,12 @@ impl Container {
             .unwrap_or_else(|p| p.into_inner())
             .get(exec_id)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("exec {exec_id:?} not found in container {:?}", self.id)))
+            .ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "exec {exec_id:?} not found in container {:?}",
+                    self.id
+                ))
+            })
     }
 }
 
@@ -81,7 +86,9 @@ pub fn validate_id(kind: &str, id: &str) -> Result<()> {
         && id.len() <= 128
         && id != "."
         && id != ".."
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {

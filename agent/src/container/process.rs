@@ -84,8 +84,18 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
         } else {
             (spawn::dev_null().map_err(io("open /dev/null"))?, None)
         };
-        let stdio = ChildStdio { stdin, stdout: out_w, stderr: err_w };
-        (stdio, File::from(out_r), Some(File::from(err_r)), stdin_w, None)
+        let stdio = ChildStdio {
+            stdin,
+            stdout: out_w,
+            stderr: err_w,
+        };
+        (
+            stdio,
+            File::from(out_r),
+            Some(File::from(err_r)),
+            stdin_w,
+            None,
+        )
     };
 
     let (pid, pipes, exit_rx) = agent
@@ -95,10 +105,17 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
             None => spawn::clone_stage2(l.clone_flags, stdio),
         })
         .map_err(io("clone"))?;
-    let StagePipes { mut config, mut status, start } = pipes;
+    let StagePipes {
+        mut config,
+        mut status,
+        start,
+    } = pipes;
 
     let kill = || {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     };
     let setup = (|| {
         l.cgroup
@@ -109,7 +126,9 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
         drop(config);
         match read_status(&mut status, STAGE_TIMEOUT)? {
             StageStatus::Ready => Ok(()),
-            StageStatus::Error(msg) => Err(AgentError::InvalidArgument(format!("{}: {msg}", l.what))),
+            StageStatus::Error(msg) => {
+                Err(AgentError::InvalidArgument(format!("{}: {msg}", l.what)))
+            }
             StageStatus::Eof => Err(AgentError::Internal(format!(
                 "{}: container set-up process died before reporting",
                 l.what
@@ -133,7 +152,11 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
         let exit = exit_rx.await.unwrap_or(Exit::Signal(libc::SIGKILL));
         let oom_killed = cgroup.oom_killed(a.cgroups.as_ref());
         tracing::info!(pid, ?exit, oom_killed, "process exited");
-        let _ = tx.send(Some(ExitInfo { exit, finished_at: now_nanos(), oom_killed }));
+        let _ = tx.send(Some(ExitInfo {
+            exit,
+            finished_at: now_nanos(),
+            oom_killed,
+        }));
     });
     Ok(Arc::new(Process {
         pid,
@@ -184,7 +207,8 @@ fn read_status(f: &mut File, timeout: Duration) -> Result<StageStatus> {
             )));
         }
         let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
             Ok(0) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -192,10 +216,16 @@ fn read_status(f: &mut File, timeout: Duration) -> Result<StageStatus> {
             Ok(_) => {}
         }
         let mut chunk = [0u8; 4096];
-        let n = f.read(&mut chunk).map_err(|e| AgentError::internal("read stage status", e))?;
+        let n = f
+            .read(&mut chunk)
+            .map_err(|e| AgentError::internal("read stage status", e))?;
         if n == 0 {
             let s = String::from_utf8_lossy(&buf).trim().to_string();
-            return Ok(if s.is_empty() { StageStatus::Eof } else { parse_status(&s) });
+            return Ok(if s.is_empty() {
+                StageStatus::Eof
+            } else {
+                parse_status(&s)
+            });
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.contains(&b'\n') {
@@ -218,13 +248,20 @@ impl Process {
     }
 
     pub fn is_started(&self) -> bool {
-        self.started_at.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.started_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Let the staged child exec; returns once exec succeeded (blocking).
     pub fn start(&self, what: &str) -> Result<()> {
-        let Some((mut status, mut start)) = self.stage.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return Err(AgentError::FailedPrecondition(format!("{what}: already started")));
+        let Some((mut status, mut start)) =
+            self.stage.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{what}: already started"
+            )));
         };
         start
             .write_all(b"s")
@@ -236,7 +273,9 @@ impl Process {
                 Ok(())
             }
             StageStatus::Error(m) => Err(AgentError::InvalidArgument(format!("{what}: {m}"))),
-            StageStatus::Ready => Err(AgentError::Internal(format!("{what}: unexpected stage status"))),
+            StageStatus::Ready => Err(AgentError::Internal(format!(
+                "{what}: unexpected stage status"
+            ))),
         }
     }
 
@@ -252,7 +291,11 @@ impl Process {
                 return i;
             }
             if rx.changed().await.is_err() {
-                return ExitInfo { exit: Exit::Signal(libc::SIGKILL), finished_at: now_nanos(), oom_killed: false };
+                return ExitInfo {
+                    exit: Exit::Signal(libc::SIGKILL),
+                    finished_at: now_nanos(),
+                    oom_killed: false,
+                };
             }
         }
     }

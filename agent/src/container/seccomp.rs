@@ -24,11 +24,19 @@ pub enum SeccompError {
     Compile(String),
 }
 
-fn action_json(a: LinuxSeccompAction, errno: Option<u32>, default_errno: Option<u32>) -> Result<Value, SeccompError> {
+fn action_json(
+    a: LinuxSeccompAction,
+    errno: Option<u32>,
+    default_errno: Option<u32>,
+) -> Result<Value, SeccompError> {
     Ok(match a {
         LinuxSeccompAction::ScmpActAllow => json!("allow"),
-        LinuxSeccompAction::ScmpActErrno => json!({"errno": errno.or(default_errno).unwrap_or(libc::EPERM as u32)}),
-        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => json!("kill_thread"),
+        LinuxSeccompAction::ScmpActErrno => {
+            json!({"errno": errno.or(default_errno).unwrap_or(libc::EPERM as u32)})
+        }
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
+            json!("kill_thread")
+        }
         LinuxSeccompAction::ScmpActKillProcess => json!("kill_process"),
         LinuxSeccompAction::ScmpActLog => json!("log"),
         LinuxSeccompAction::ScmpActTrap => json!("trap"),
@@ -45,7 +53,9 @@ fn op_json(op: LinuxSeccompOperator, value_two: Option<u64>) -> Value {
         LinuxSeccompOperator::ScmpCmpEq => json!("eq"),
         LinuxSeccompOperator::ScmpCmpGe => json!("ge"),
         LinuxSeccompOperator::ScmpCmpGt => json!("gt"),
-        LinuxSeccompOperator::ScmpCmpMaskedEq => json!({"masked_eq": value_two.unwrap_or(u64::MAX)}),
+        LinuxSeccompOperator::ScmpCmpMaskedEq => {
+            json!({"masked_eq": value_two.unwrap_or(u64::MAX)})
+        }
     }
 }
 
@@ -59,7 +69,10 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Vec<SockFilter>>, SeccompEr
     let mut non_default_rules = Vec::new();
     for sc in profile.syscalls().as_deref().unwrap_or_default() {
         let eperm = libc::EPERM as u32;
-        let same_errno = sc.errno_ret().or(profile.default_errno_ret()).unwrap_or(eperm)
+        let same_errno = sc
+            .errno_ret()
+            .or(profile.default_errno_ret())
+            .unwrap_or(eperm)
             == profile.default_errno_ret().unwrap_or(eperm);
         if sc.action() == default && (default != LinuxSeccompAction::ScmpActErrno || same_errno) {
             continue;
@@ -121,10 +134,17 @@ fn compile_one(mut filter: Value) -> Result<Vec<SockFilter>, SeccompError> {
         let bytes = serde_json::to_vec(&doc).map_err(|e| SeccompError::Compile(e.to_string()))?;
         match seccompiler::compile_from_json(&bytes[..], seccompiler::TargetArch::x86_64) {
             Ok(mut map) => {
-                let prog = map.remove("f").ok_or_else(|| SeccompError::Compile("no program".into()))?;
+                let prog = map
+                    .remove("f")
+                    .ok_or_else(|| SeccompError::Compile("no program".into()))?;
                 return Ok(prog
                     .into_iter()
-                    .map(|i| SockFilter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+                    .map(|i| SockFilter {
+                        code: i.code,
+                        jt: i.jt,
+                        jf: i.jf,
+                        k: i.k,
+                    })
                     .collect());
             }
             Err(e) => {

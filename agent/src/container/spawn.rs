@@ -115,7 +115,14 @@ unsafe fn child(
             libc::_exit(122);
         }
     }
-    libc::syscall(libc::SYS_execveat, exe, empty, argv, envp, libc::AT_EMPTY_PATH);
+    libc::syscall(
+        libc::SYS_execveat,
+        exe,
+        empty,
+        argv,
+        envp,
+        libc::AT_EMPTY_PATH,
+    );
     libc::_exit(123);
 }
 
@@ -132,7 +139,10 @@ pub fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 pub fn pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let r = nix::pty::openpty(None, None)?;
     for fd in [&r.master, &r.slave] {
-        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
     }
     Ok((r.master, r.slave))
 }

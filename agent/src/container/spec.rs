@@ -63,7 +63,9 @@ pub fn clone_flags(spec: &Spec) -> Result<i32, SpecError> {
             LinuxNamespaceType::User => {
                 return Err(SpecError::Unsupported("user namespaces".into()))
             }
-            LinuxNamespaceType::Time => return Err(SpecError::Unsupported("time namespaces".into())),
+            LinuxNamespaceType::Time => {
+                return Err(SpecError::Unsupported("time namespaces".into()))
+            }
         };
     }
     // A container always gets its own mount namespace: the rootfs set-up
@@ -90,7 +92,11 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
             .filter(|p| !p.is_empty())
             .ok_or(SpecError::NoRoot)?,
     };
-    let readonly = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
     let mut mounts = Vec::new();
     for m in spec.mounts().as_deref().unwrap_or_default() {
         mounts.push(mount_config(m)?);
@@ -101,9 +107,22 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
         mounts.insert(0, default_mount("/proc", "proc", "proc", ""));
     }
     if !has_dev {
-        mounts.insert(1, default_mount("/dev", "tmpfs", "tmpfs", "mode=755,size=65536k"));
-        mounts.push(default_mount("/dev/pts", "devpts", "devpts", "newinstance,ptmxmode=0666,mode=0620"));
-        mounts.push(default_mount("/dev/shm", "shm", "tmpfs", "mode=1777,size=65536k"));
+        mounts.insert(
+            1,
+            default_mount("/dev", "tmpfs", "tmpfs", "mode=755,size=65536k"),
+        );
+        mounts.push(default_mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            "newinstance,ptmxmode=0666,mode=0620",
+        ));
+        mounts.push(default_mount(
+            "/dev/shm",
+            "shm",
+            "tmpfs",
+            "mode=1777,size=65536k",
+        ));
     }
     if !has_sys {
         let mut m = default_mount("/sys", "sysfs", "sysfs", "");
@@ -122,10 +141,20 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
         path: root,
         readonly,
         mounts,
-        hostname: spec.hostname().clone().filter(|_| has_ns(spec, LinuxNamespaceType::Uts)),
-        domainname: spec.domainname().clone().filter(|_| has_ns(spec, LinuxNamespaceType::Uts)),
-        masked_paths: linux.and_then(|l| l.masked_paths().clone()).unwrap_or_default(),
-        readonly_paths: linux.and_then(|l| l.readonly_paths().clone()).unwrap_or_default(),
+        hostname: spec
+            .hostname()
+            .clone()
+            .filter(|_| has_ns(spec, LinuxNamespaceType::Uts)),
+        domainname: spec
+            .domainname()
+            .clone()
+            .filter(|_| has_ns(spec, LinuxNamespaceType::Uts)),
+        masked_paths: linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_default(),
+        readonly_paths: linux
+            .and_then(|l| l.readonly_paths().clone())
+            .unwrap_or_default(),
         sysctls,
         new_cgroupns: has_ns(spec, LinuxNamespaceType::Cgroup)
             && spec
@@ -187,7 +216,11 @@ pub fn process_config(
             username: user.username().clone().filter(|u| !u.is_empty()),
         },
         terminal: p.terminal().unwrap_or(false),
-        capabilities: p.capabilities().as_ref().map(caps_config).unwrap_or_default(),
+        capabilities: p
+            .capabilities()
+            .as_ref()
+            .map(caps_config)
+            .unwrap_or_default(),
         no_new_privs: p.no_new_privileges().unwrap_or(false),
         rlimits,
         oom_score_adj: p.oom_score_adj(),
@@ -256,7 +289,8 @@ pub fn mount_config(m: &Mount) -> Result<MountConfig, SpecError> {
         return Err(SpecError::BadMountDestination(dest));
     }
     let mut fstype = m.typ().clone().unwrap_or_default();
-    let (flags, propagation, data) = parse_mount_options(m.options().as_deref().unwrap_or_default());
+    let (flags, propagation, data) =
+        parse_mount_options(m.options().as_deref().unwrap_or_default());
     if fstype.is_empty() && flags & MsFlags::MS_BIND.bits() != 0 {
         fstype = "bind".into();
     }
@@ -296,15 +330,19 @@ pub fn parse_mount_options(opts: &[String]) -> (u64, u64, String) {
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
-            | "unbindable" | "runbindable" => {
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
                 let p = match o.trim_start_matches('r') {
                     "private" => MsFlags::MS_PRIVATE,
                     "shared" => MsFlags::MS_SHARED,
                     "slave" => MsFlags::MS_SLAVE,
                     _ => MsFlags::MS_UNBINDABLE,
                 };
-                prop = p | if o.starts_with('r') { MsFlags::MS_REC } else { MsFlags::empty() };
+                prop = p | if o.starts_with('r') {
+                    MsFlags::MS_REC
+                } else {
+                    MsFlags::empty()
+                };
                 continue;
             }
             other => {
@@ -421,14 +459,19 @@ mod tests {
     #[test]
     fn translates_process_and_rootfs() {
         let cfg = init_stage(&spec(BASE), None).unwrap();
-        let StageMode::Init(root) = &cfg.mode else { panic!("init mode") };
+        let StageMode::Init(root) = &cfg.mode else {
+            panic!("init mode")
+        };
         assert_eq!(root.path, "/containers/busybox");
         assert!(root.readonly);
         assert_eq!(root.hostname.as_deref(), Some("pod-a"));
         assert_eq!(root.masked_paths, vec!["/proc/kcore"]);
         // defaults added for /proc /dev /sys, plus the spec's bind mount
         let dests: Vec<_> = root.mounts.iter().map(|m| m.destination.as_str()).collect();
-        assert_eq!(dests, ["/proc", "/dev", "/data", "/dev/pts", "/dev/shm", "/sys"]);
+        assert_eq!(
+            dests,
+            ["/proc", "/dev", "/data", "/dev/pts", "/dev/shm", "/sys"]
+        );
         assert!(root.populate_dev);
         let p = &cfg.process;
         assert_eq!(p.args, ["sh", "-c", "echo hi"]);
@@ -446,16 +489,22 @@ mod tests {
 
     #[test]
     fn rootfs_override_and_missing_root() {
-        let s = spec(r#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#);
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        );
         assert!(matches!(init_stage(&s, None), Err(SpecError::NoRoot)));
         let cfg = init_stage(&s, Some("/run/c1/rootfs")).unwrap();
-        let StageMode::Init(root) = cfg.mode else { panic!() };
+        let StageMode::Init(root) = cfg.mode else {
+            panic!()
+        };
         assert_eq!(root.path, "/run/c1/rootfs");
     }
 
     #[test]
     fn empty_args_rejected() {
-        let s = spec(r#"{"ociVersion":"1.0.2","root":{"path":"/r"},"process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#);
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"/r"},"process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        );
         assert!(matches!(init_stage(&s, None), Err(SpecError::NoArgs)));
     }
 
@@ -470,8 +519,13 @@ mod tests {
             "mode=755".into(),
         ]);
         let f = MsFlags::from_bits_truncate(f);
-        assert!(f.contains(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
-        assert_eq!(MsFlags::from_bits_truncate(p), MsFlags::MS_SLAVE | MsFlags::MS_REC);
+        assert!(f.contains(
+            MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
+        ));
+        assert_eq!(
+            MsFlags::from_bits_truncate(p),
+            MsFlags::MS_SLAVE | MsFlags::MS_REC
+        );
         assert_eq!(d, "size=10m,mode=755");
         let (f, _, _) = parse_mount_options(&["ro".into(), "rw".into()]);
         assert!(!MsFlags::from_bits_truncate(f).contains(MsFlags::MS_RDONLY));
@@ -479,9 +533,17 @@ mod tests {
 
     #[test]
     fn bad_mount_destination() {
-        let m: Mount = serde_json::from_str(r#"{"destination":"/a/../../etc","type":"tmpfs","source":"tmpfs"}"#).unwrap();
-        assert!(matches!(mount_config(&m), Err(SpecError::BadMountDestination(_))));
-        let m: Mount = serde_json::from_str(r#"{"destination":"rel","type":"tmpfs","source":"tmpfs"}"#).unwrap();
+        let m: Mount = serde_json::from_str(
+            r#"{"destination":"/a/../../etc","type":"tmpfs","source":"tmpfs"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            mount_config(&m),
+            Err(SpecError::BadMountDestination(_))
+        ));
+        let m: Mount =
+            serde_json::from_str(r#"{"destination":"rel","type":"tmpfs","source":"tmpfs"}"#)
+                .unwrap();
         assert!(mount_config(&m).is_err());
     }
 
@@ -496,7 +558,10 @@ mod tests {
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"user"}]}}"#);
         assert!(clone_flags(&s).is_err());
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"pid"}]}}"#);
-        assert_eq!(clone_flags(&s).unwrap(), libc::CLONE_NEWPID | libc::CLONE_NEWNS);
+        assert_eq!(
+            clone_flags(&s).unwrap(),
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS
+        );
     }
 
     #[test]

@@ -72,7 +72,10 @@ mod tests {
         let leaf = dir.path().join("vmpod/c1");
         std::fs::create_dir_all(&leaf).unwrap();
         for (f, v) in [
-            ("cpu.stat", "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_throttled 2\nthrottled_usec 7\n"),
+            (
+                "cpu.stat",
+                "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_throttled 2\nthrottled_usec 7\n",
+            ),
             ("memory.current", "4096\n"),
             ("memory.max", "max\n"),
             ("memory.stat", "anon 1000\nfile 2000\n"),

@@ -29,13 +29,24 @@ pub fn writes(r: &Resources) -> Result<Vec<(String, String)>> {
         w.push(("memory.max".to_string(), lim(r.memory_limit_bytes)));
     }
     if r.cpu_quota != 0 || r.cpu_period != 0 {
-        let period = if r.cpu_period == 0 { 100_000 } else { r.cpu_period };
-        let quota = if r.cpu_quota <= 0 { "max".to_string() } else { r.cpu_quota.to_string() };
+        let period = if r.cpu_period == 0 {
+            100_000
+        } else {
+            r.cpu_period
+        };
+        let quota = if r.cpu_quota <= 0 {
+            "max".to_string()
+        } else {
+            r.cpu_quota.to_string()
+        };
         w.push(("cpu.max".into(), format!("{quota} {period}")));
     }
     if r.cpu_weight != 0 {
         if !(1..=10_000).contains(&r.cpu_weight) {
-            return Err(AgentError::InvalidArgument(format!("cpu weight {} not in 1..10000", r.cpu_weight)));
+            return Err(AgentError::InvalidArgument(format!(
+                "cpu weight {} not in 1..10000",
+                r.cpu_weight
+            )));
         }
         w.push(("cpu.weight".into(), r.cpu_weight.to_string()));
     }
@@ -59,8 +70,13 @@ mod tests {
 
     #[test]
     fn update_writes() {
-        let w = writes(&Resources { memory_limit_bytes: -1, cpu_quota: 20_000, pids_limit: 5, ..Default::default() })
-            .unwrap();
+        let w = writes(&Resources {
+            memory_limit_bytes: -1,
+            cpu_quota: 20_000,
+            pids_limit: 5,
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(
             w,
             vec![
@@ -70,6 +86,10 @@ mod tests {
             ]
         );
         assert!(writes(&Resources::default()).unwrap().is_empty());
-        assert!(writes(&Resources { cpu_weight: 20_000, ..Default::default() }).is_err());
+        assert!(writes(&Resources {
+            cpu_weight: 20_000,
+            ..Default::default()
+        })
+        .is_err());
     }
 }

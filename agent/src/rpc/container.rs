@@ -8,7 +8,10 @@ use crate::container::{create, delete, start, stats, update};
 use crate::error::{AgentError, Result};
 use crate::state::Agent;
 
-pub async fn create(agent: &Arc<Agent>, req: CreateContainerRequest) -> Result<CreateContainerResponse> {
+pub async fn create(
+    agent: &Arc<Agent>,
+    req: CreateContainerRequest,
+) -> Result<CreateContainerResponse> {
     let pid = create::create(
         agent,
         create::CreateRequest {
@@ -20,15 +23,24 @@ pub async fn create(agent: &Arc<Agent>, req: CreateContainerRequest) -> Result<C
         },
     )
     .await?;
-    Ok(CreateContainerResponse { pid, ..Default::default() })
+    Ok(CreateContainerResponse {
+        pid,
+        ..Default::default()
+    })
 }
 
-pub async fn start(agent: &Arc<Agent>, req: StartContainerRequest) -> Result<StartContainerResponse> {
+pub async fn start(
+    agent: &Arc<Agent>,
+    req: StartContainerRequest,
+) -> Result<StartContainerResponse> {
     start::start(agent, &req.container_id).await?;
     Ok(StartContainerResponse::default())
 }
 
-pub async fn remove(agent: &Arc<Agent>, req: RemoveContainerRequest) -> Result<RemoveContainerResponse> {
+pub async fn remove(
+    agent: &Arc<Agent>,
+    req: RemoveContainerRequest,
+) -> Result<RemoveContainerResponse> {
     delete::remove(agent, &req.container_id).await?;
     Ok(RemoveContainerResponse::default())
 }
@@ -43,7 +55,10 @@ pub fn resources_from_proto(r: &LinuxResources) -> update::Resources {
     }
 }
 
-pub async fn update(agent: &Arc<Agent>, req: UpdateContainerRequest) -> Result<UpdateContainerResponse> {
+pub async fn update(
+    agent: &Arc<Agent>,
+    req: UpdateContainerRequest,
+) -> Result<UpdateContainerResponse> {
     let r = req
         .resources
         .as_ref()
@@ -73,18 +88,29 @@ pub fn stats_to_proto(s: &stats::Stats) -> StatsContainerResponse {
             ..Default::default()
         })
         .into(),
-        pids: Some(PidsStats { current: s.pids_current, limit: s.pids_limit, ..Default::default() }).into(),
+        pids: Some(PidsStats {
+            current: s.pids_current,
+            limit: s.pids_limit,
+            ..Default::default()
+        })
+        .into(),
         timestamp_unix_nanos: crate::container::process::now_nanos(),
         ..Default::default()
     }
 }
 
-pub async fn stats(agent: &Arc<Agent>, req: StatsContainerRequest) -> Result<StatsContainerResponse> {
+pub async fn stats(
+    agent: &Arc<Agent>,
+    req: StatsContainerRequest,
+) -> Result<StatsContainerResponse> {
     let s = stats::stats(agent, &req.container_id)?;
     Ok(stats_to_proto(&s))
 }
 
-pub async fn list(agent: &Arc<Agent>, _req: ListContainersRequest) -> Result<ListContainersResponse> {
+pub async fn list(
+    agent: &Arc<Agent>,
+    _req: ListContainersRequest,
+) -> Result<ListContainersResponse> {
     Ok(ListContainersResponse {
         containers: agent
             .list()
@@ -106,7 +132,13 @@ mod tests {
 
     #[test]
     fn stats_mapping() {
-        let s = stats::Stats { cpu_usage_usec: 5, memory_current: 10, oom_kill: 1, pids_limit: 9, ..Default::default() };
+        let s = stats::Stats {
+            cpu_usage_usec: 5,
+            memory_current: 10,
+            oom_kill: 1,
+            pids_limit: 9,
+            ..Default::default()
+        };
         let p = stats_to_proto(&s);
         assert_eq!(p.cpu.usage_usec, 5);
         assert_eq!(p.memory.current_bytes, 10);
@@ -121,7 +153,11 @@ mod tests {
 
     #[test]
     fn resources_mapping() {
-        let r = LinuxResources { memory_limit_bytes: 1 << 25, pids_limit: -1, ..Default::default() };
+        let r = LinuxResources {
+            memory_limit_bytes: 1 << 25,
+            pids_limit: -1,
+            ..Default::default()
+        };
         let u = resources_from_proto(&r);
         assert_eq!(u.memory_limit_bytes, 1 << 25);
         assert_eq!(u.pids_limit, -1);

@@ -18,10 +18,17 @@ pub fn version() -> VersionResponse {
 #[async_trait]
 impl health_ttrpc::Health for HealthService {
     async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
-        Ok(CheckResponse { status: ServingStatus::SERVING.into(), ..Default::default() })
+        Ok(CheckResponse {
+            status: ServingStatus::SERVING.into(),
+            ..Default::default()
+        })
     }
 
-    async fn version(&self, _ctx: &TtrpcContext, _req: VersionRequest) -> ttrpc::Result<VersionResponse> {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: VersionRequest,
+    ) -> ttrpc::Result<VersionResponse> {
         Ok(version())
     }
 }

@@ -33,10 +33,16 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecProcessRequest) -> Result<ExecPro
         },
     )
     .await?;
-    Ok(ExecProcessResponse { pid, ..Default::default() })
+    Ok(ExecProcessResponse {
+        pid,
+        ..Default::default()
+    })
 }
 
-pub async fn signal(agent: &Arc<Agent>, req: SignalProcessRequest) -> Result<SignalProcessResponse> {
+pub async fn signal(
+    agent: &Arc<Agent>,
+    req: SignalProcessRequest,
+) -> Result<SignalProcessResponse> {
     kill::signal(agent, &req.container_id, &req.exec_id, req.signal, req.all)?;
     Ok(SignalProcessResponse::default())
 }
@@ -70,10 +76,27 @@ mod tests {
 
     #[test]
     fn wait_mapping() {
-        let r = wait_response(&ExitInfo { exit: Exit::Signal(9), finished_at: 20, oom_killed: true }, Some(10));
+        let r = wait_response(
+            &ExitInfo {
+                exit: Exit::Signal(9),
+                finished_at: 20,
+                oom_killed: true,
+            },
+            Some(10),
+        );
         assert_eq!((r.exit_code, r.signal, r.oom_killed), (137, 9, true));
-        assert_eq!((r.started_at_unix_nanos, r.finished_at_unix_nanos), (10, 20));
-        let r = wait_response(&ExitInfo { exit: Exit::Code(3), finished_at: 1, oom_killed: false }, None);
+        assert_eq!(
+            (r.started_at_unix_nanos, r.finished_at_unix_nanos),
+            (10, 20)
+        );
+        let r = wait_response(
+            &ExitInfo {
+                exit: Exit::Code(3),
+                finished_at: 1,
+                oom_killed: false,
+            },
+            None,
+        );
         assert_eq!((r.exit_code, r.signal), (3, 0));
     }
 }

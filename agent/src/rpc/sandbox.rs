@@ -27,39 +27,72 @@ pub fn resolv_conf(servers: &[String], searches: &[String], options: &[String]) 
 }
 
 fn valid_sysctl(key: &str) -> bool {
-    !key.is_empty() && key.split('.').all(|c| !c.is_empty() && c != ".." && !c.contains('/'))
+    !key.is_empty()
+        && key
+            .split('.')
+            .all(|c| !c.is_empty() && c != ".." && !c.contains('/'))
 }
 
-pub async fn create_sandbox(agent: &Arc<Agent>, req: CreateSandboxRequest) -> Result<CreateSandboxResponse> {
+pub async fn create_sandbox(
+    agent: &Arc<Agent>,
+    req: CreateSandboxRequest,
+) -> Result<CreateSandboxResponse> {
     if req.host_time_unix_nanos > 0 {
         set_clock(req.host_time_unix_nanos)?;
     }
     if !req.hostname.is_empty() {
-        nix::unistd::sethostname(&req.hostname)
-            .map_err(|e| AgentError::InvalidArgument(format!("hostname {:?}: {e}", req.hostname)))?;
+        nix::unistd::sethostname(&req.hostname).map_err(|e| {
+            AgentError::InvalidArgument(format!("hostname {:?}: {e}", req.hostname))
+        })?;
     }
     if !req.dns_servers.is_empty() || !req.dns_searches.is_empty() {
         std::fs::create_dir_all("/etc").map_err(|e| AgentError::internal("mkdir /etc", e))?;
-        std::fs::write("/etc/resolv.conf", resolv_conf(&req.dns_servers, &req.dns_searches, &req.dns_options))
-            .map_err(|e| AgentError::internal("write /etc/resolv.conf", e))?;
+        std::fs::write(
+            "/etc/resolv.conf",
+            resolv_conf(&req.dns_servers, &req.dns_searches, &req.dns_options),
+        )
+        .map_err(|e| AgentError::internal("write /etc/resolv.conf", e))?;
     }
     for s in &req.sysctls {
         if !valid_sysctl(&s.key) {
-            return Err(AgentError::InvalidArgument(format!("invalid sysctl {:?}", s.key)));
+            return Err(AgentError::InvalidArgument(format!(
+                "invalid sysctl {:?}",
+                s.key
+            )));
         }
-        std::fs::write(format!("/proc/sys/{}", s.key.replace('.', "/")), &s.value)
-            .map_err(|e| AgentError::InvalidArgument(format!("sysctl {}={}: {e}", s.key, s.value)))?;
+        std::fs::write(format!("/proc/sys/{}", s.key.replace('.', "/")), &s.value).map_err(
+            |e| AgentError::InvalidArgument(format!("sysctl {}={}: {e}", s.key, s.value)),
+        )?;
     }
     for m in &req.mounts {
         if !m.target.starts_with('/') || m.target.split('/').any(|c| c == "..") {
-            return Err(AgentError::InvalidArgument(format!("mount target {:?} must be absolute", m.target)));
+            return Err(AgentError::InvalidArgument(format!(
+                "mount target {:?} must be absolute",
+                m.target
+            )));
         }
-        std::fs::create_dir_all(&m.target).map_err(|e| AgentError::internal(format!("mkdir {}", m.target), e))?;
+        std::fs::create_dir_all(&m.target)
+            .map_err(|e| AgentError::internal(format!("mkdir {}", m.target), e))?;
         let (flags, _, data) = parse_mount_options(&m.options);
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(m.source.as_str()), m.target.as_str(), Some(m.fstype.as_str()), MsFlags::from_bits_truncate(flags), data)
-            .map_err(|e| AgentError::InvalidArgument(format!("mount {} ({}) on {}: {e}", m.source, m.fstype, m.target)))?;
-        agent.sandbox_mounts.lock().unwrap_or_else(|p| p.into_inner()).push(m.target.clone());
+        mount(
+            Some(m.source.as_str()),
+            m.target.as_str(),
+            Some(m.fstype.as_str()),
+            MsFlags::from_bits_truncate(flags),
+            data,
+        )
+        .map_err(|e| {
+            AgentError::InvalidArgument(format!(
+                "mount {} ({}) on {}: {e}",
+                m.source, m.fstype, m.target
+            ))
+        })?;
+        agent
+            .sandbox_mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(m.target.clone());
     }
     tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox set up");
     Ok(CreateSandboxResponse::default())
@@ -79,11 +112,19 @@ pub async fn set_time(_agent: &Arc<Agent>, req: SetTimeRequest) -> Result<SetTim
     Ok(SetTimeResponse::default())
 }
 
-pub async fn destroy_sandbox(agent: &Arc<Agent>, _req: DestroySandboxRequest) -> Result<DestroySandboxResponse> {
+pub async fn destroy_sandbox(
+    agent: &Arc<Agent>,
+    _req: DestroySandboxRequest,
+) -> Result<DestroySandboxResponse> {
     for c in agent.list() {
         delete::remove(agent, &c.id).await?;
     }
-    let mounts: Vec<String> = std::mem::take(&mut *agent.sandbox_mounts.lock().unwrap_or_else(|p| p.into_inner()));
+    let mounts: Vec<String> = std::mem::take(
+        &mut *agent
+            .sandbox_mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
     for m in mounts.iter().rev() {
         if let Err(e) = umount2(m.as_str(), MntFlags::MNT_DETACH) {
             tracing::warn!(mount = %m, error = %e, "unmount on destroy");
@@ -101,7 +142,10 @@ pub fn mount_points(mountinfo: &str) -> Vec<String> {
         .collect()
 }
 
-pub async fn guest_details(agent: &Arc<Agent>, _req: GuestDetailsRequest) -> Result<GuestDetailsResponse> {
+pub async fn guest_details(
+    agent: &Arc<Agent>,
+    _req: GuestDetailsRequest,
+) -> Result<GuestDetailsResponse> {
     let uts = nix::sys::utsname::uname().map_err(|e| AgentError::internal("uname", e))?;
     let mem_total_bytes = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -135,10 +179,14 @@ pub async fn guest_details(agent: &Arc<Agent>, _req: GuestDetailsRequest) -> Res
     Ok(GuestDetailsResponse {
         kernel_release: uts.release().to_string_lossy().into_owned(),
         mem_total_bytes,
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         container_ids: agent.list().iter().map(|c| c.id.clone()).collect(),
-        mount_points: mount_points(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()),
+        mount_points: mount_points(
+            &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        ),
         cgroups,
         process_count,
         ..Default::default()
@@ -147,7 +195,9 @@ pub async fn guest_details(agent: &Arc<Agent>, _req: GuestDetailsRequest) -> Res
 
 /// Kernel threads have an empty cmdline.
 fn is_user_process(pid: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| !c.is_empty()).unwrap_or(false)
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| !c.is_empty())
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -156,8 +206,15 @@ mod tests {
 
     #[test]
     fn resolv() {
-        let s = resolv_conf(&["10.0.0.2".into()], &["svc.local".into(), "local".into()], &["ndots:5".into()]);
-        assert_eq!(s, "nameserver 10.0.0.2\nsearch svc.local local\noptions ndots:5\n");
+        let s = resolv_conf(
+            &["10.0.0.2".into()],
+            &["svc.local".into(), "local".into()],
+            &["ndots:5".into()],
+        );
+        assert_eq!(
+            s,
+            "nameserver 10.0.0.2\nsearch svc.local local\noptions ndots:5\n"
+        );
     }
 
     #[test]
@@ -170,7 +227,8 @@ mod tests {
 
     #[test]
     fn mountinfo_points() {
-        let mi = "22 1 0:20 / / rw - rootfs rootfs rw\n23 22 0:21 / /proc rw,nosuid - proc proc rw\n";
+        let mi =
+            "22 1 0:20 / / rw - rootfs rootfs rw\n23 22 0:21 / /proc rw,nosuid - proc proc rw\n";
         assert_eq!(mount_points(mi), vec!["/", "/proc"]);
     }
 }

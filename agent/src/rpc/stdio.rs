@@ -18,9 +18,19 @@ pub async fn read_stream(agent: &Arc<Agent>, req: ReadStreamRequest) -> Result<R
         Stream::STDOUT => p.stdout.clone(),
         Stream::STDERR => p.stderr.clone(),
     };
-    let max = if req.max_bytes == 0 { crate::stdio::MAX_CHUNK } else { req.max_bytes as usize };
-    let (data, eof) = buf.read(max, Duration::from_millis(req.wait_ms.min(30_000) as u64)).await;
-    Ok(ReadStreamResponse { data, eof, ..Default::default() })
+    let max = if req.max_bytes == 0 {
+        crate::stdio::MAX_CHUNK
+    } else {
+        req.max_bytes as usize
+    };
+    let (data, eof) = buf
+        .read(max, Duration::from_millis(req.wait_ms.min(30_000) as u64))
+        .await;
+    Ok(ReadStreamResponse {
+        data,
+        eof,
+        ..Default::default()
+    })
 }
 
 pub async fn write_stdin(agent: &Arc<Agent>, req: WriteStdinRequest) -> Result<WriteStdinResponse> {
@@ -30,14 +40,18 @@ pub async fn write_stdin(agent: &Arc<Agent>, req: WriteStdinRequest) -> Result<W
     let len = req.data.len();
     tokio::task::spawn_blocking(move || {
         let mut g = p.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        let f = g
-            .as_mut()
-            .ok_or_else(|| AgentError::FailedPrecondition("stdin is closed or was not requested".into()))?;
-        f.write_all(&req.data).map_err(|e| AgentError::FailedPrecondition(format!("write stdin: {e}")))
+        let f = g.as_mut().ok_or_else(|| {
+            AgentError::FailedPrecondition("stdin is closed or was not requested".into())
+        })?;
+        f.write_all(&req.data)
+            .map_err(|e| AgentError::FailedPrecondition(format!("write stdin: {e}")))
     })
     .await
     .map_err(|e| AgentError::internal("stdin task", e))??;
-    Ok(WriteStdinResponse { written: len as u32, ..Default::default() })
+    Ok(WriteStdinResponse {
+        written: len as u32,
+        ..Default::default()
+    })
 }
 
 pub async fn close_stdin(agent: &Arc<Agent>, req: CloseStdinRequest) -> Result<CloseStdinResponse> {
@@ -62,10 +76,18 @@ pub async fn resize_tty(agent: &Arc<Agent>, req: ResizeTtyRequest) -> Result<Res
         .pty
         .as_ref()
         .ok_or_else(|| AgentError::FailedPrecondition("process has no terminal".into()))?;
-    let ws = libc::winsize { ws_row: req.rows as u16, ws_col: req.cols as u16, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: req.rows as u16,
+        ws_col: req.cols as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
-    if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
-        return Err(AgentError::internal("resize tty", std::io::Error::last_os_error()));
+    if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) } < 0 {
+        return Err(AgentError::internal(
+            "resize tty",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(ResizeTtyResponse::default())
 }

@@ -35,29 +35,34 @@ pub fn resolve_in(u: &UserConfig, passwd: &str, group: &str) -> StageResult<Ids>
             .and_then(|l| field(l, 5))
             .unwrap_or("/")
             .to_string();
-        return Ok(Ids { uid: u.uid, gid: u.gid, groups: u.additional_gids.clone(), home });
+        return Ok(Ids {
+            uid: u.uid,
+            gid: u.gid,
+            groups: u.additional_gids.clone(),
+            home,
+        });
     };
     let (user, grp) = match spec.split_once(':') {
         Some((a, b)) => (a, Some(b)),
         None => (spec, None),
     };
-    let entry = passwd
-        .lines()
-        .find(|l| field(l, 0) == Some(user) || (user.parse::<u32>().is_ok() && field(l, 2) == Some(user)));
+    let entry = passwd.lines().find(|l| {
+        field(l, 0) == Some(user) || (user.parse::<u32>().is_ok() && field(l, 2) == Some(user))
+    });
     let (uid, mut gid, home, name) = match entry {
         Some(l) => (
-            field(l, 2).and_then(|f| f.parse().ok()).ok_or_else(|| format!("bad /etc/passwd line {l:?}"))?,
+            field(l, 2)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(|| format!("bad /etc/passwd line {l:?}"))?,
             field(l, 3).and_then(|f| f.parse().ok()).unwrap_or(0),
             field(l, 5).unwrap_or("/").to_string(),
             field(l, 0).unwrap_or(user).to_string(),
         ),
         None => match user.parse::<u32>() {
             Ok(n) => (n, n, "/".to_string(), String::new()),
-            Err(_) => {
-                return Err(format!(
-                    "unable to find user {user:?}: no matching entries in the container's /etc/passwd"
-                ))
-            }
+            Err(_) => return Err(format!(
+                "unable to find user {user:?}: no matching entries in the container's /etc/passwd"
+            )),
         },
     };
     if let Some(g) = grp {
@@ -68,9 +73,11 @@ pub fn resolve_in(u: &UserConfig, passwd: &str, group: &str) -> StageResult<Ids>
             .and_then(|f| f.parse().ok())
         {
             Some(n) => n,
-            None => g
-                .parse()
-                .map_err(|_| format!("unable to find group {g:?}: no matching entries in the container's /etc/group"))?,
+            None => g.parse().map_err(|_| {
+                format!(
+                    "unable to find group {g:?}: no matching entries in the container's /etc/group"
+                )
+            })?,
         };
     }
     let mut groups = u.additional_gids.clone();
@@ -86,7 +93,12 @@ pub fn resolve_in(u: &UserConfig, passwd: &str, group: &str) -> StageResult<Ids>
             }
         }
     }
-    Ok(Ids { uid, gid, groups, home })
+    Ok(Ids {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 fn cap_set(names: &[String]) -> StageResult<CapsHashSet> {
@@ -102,13 +114,18 @@ pub fn apply(ids: &Ids, p: &ProcessConfig) -> StageResult<()> {
         let keep = cap_set(b)?;
         for cap in caps::all() {
             if !keep.contains(&cap) {
-                caps::drop(None, CapSet::Bounding, cap).ctx(|| format!("drop {cap} from bounding set"))?;
+                caps::drop(None, CapSet::Bounding, cap)
+                    .ctx(|| format!("drop {cap} from bounding set"))?;
             }
         }
     }
     // Keep permitted capabilities across the uid change; set them below.
     nix::sys::prctl::set_keepcaps(true).ctx(|| "PR_SET_KEEPCAPS".into())?;
-    let groups: Vec<nix::unistd::Gid> = ids.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    let groups: Vec<nix::unistd::Gid> = ids
+        .groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
     nix::unistd::setgroups(&groups).ctx(|| "setgroups".into())?;
     let gid = nix::unistd::Gid::from_raw(ids.gid);
     nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", ids.gid))?;
@@ -143,7 +160,12 @@ mod tests {
     const GROUP: &str = "root:x:0:\nwww:x:33:alice\nstaff:x:50:alice,bob\nusers:x:100:\n";
 
     fn user(name: Option<&str>) -> UserConfig {
-        UserConfig { uid: 7, gid: 8, additional_gids: vec![9], username: name.map(str::to_string) }
+        UserConfig {
+            uid: 7,
+            gid: 8,
+            additional_gids: vec![9],
+            username: name.map(str::to_string),
+        }
     }
 
     #[test]
@@ -156,7 +178,15 @@ mod tests {
     #[test]
     fn name_lookup_with_supplementary_groups() {
         let ids = resolve_in(&user(Some("alice")), PASSWD, GROUP).unwrap();
-        assert_eq!(ids, Ids { uid: 1000, gid: 1000, groups: vec![9, 33, 50], home: "/home/alice".into() });
+        assert_eq!(
+            ids,
+            Ids {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![9, 33, 50],
+                home: "/home/alice".into()
+            }
+        );
     }
 
     #[test]

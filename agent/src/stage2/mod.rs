@@ -72,7 +72,7 @@ fn run(status: &mut File) -> StageResult<Never> {
     nix::unistd::setsid().ctx(|| "setsid".into())?;
     if p.terminal {
         // SAFETY: plain ioctl on our stdin (the pty slave).
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY as _, 0) } < 0 {
             return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
         }
     }
@@ -92,7 +92,10 @@ fn run(status: &mut File) -> StageResult<Never> {
                 let c = CString::new(d.as_str()).ctx(|| "domainname".into())?;
                 // SAFETY: valid C string and length.
                 if unsafe { libc::setdomainname(c.as_ptr(), d.len()) } < 0 {
-                    return Err(format!("setdomainname: {}", std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "setdomainname: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
             }
         }
@@ -101,10 +104,17 @@ fn run(status: &mut File) -> StageResult<Never> {
 
     // Stage 4: process attributes.
     for r in &p.rlimits {
-        let lim = libc::rlimit { rlim_cur: r.soft, rlim_max: r.hard };
+        let lim = libc::rlimit {
+            rlim_cur: r.soft,
+            rlim_max: r.hard,
+        };
         // SAFETY: valid rlimit struct.
         if unsafe { libc::setrlimit(r.resource as _, &lim) } < 0 {
-            return Err(format!("setrlimit {}: {}", r.resource, std::io::Error::last_os_error()));
+            return Err(format!(
+                "setrlimit {}: {}",
+                r.resource,
+                std::io::Error::last_os_error()
+            ));
         }
     }
     if let Some(adj) = p.oom_score_adj {
@@ -116,7 +126,11 @@ fn run(status: &mut File) -> StageResult<Never> {
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", ids.home));
     }
-    let cwd = if p.cwd.is_empty() { "/" } else { p.cwd.as_str() };
+    let cwd = if p.cwd.is_empty() {
+        "/"
+    } else {
+        p.cwd.as_str()
+    };
     std::env::set_current_dir(cwd).ctx(|| format!("cwd {cwd:?}"))?;
     let exe = find_executable(&p.args[0], &env)?;
 
@@ -158,7 +172,11 @@ fn join_namespaces(paths: &[String]) -> StageResult<()> {
     // /proc is gone.
     let files: Vec<(String, File)> = paths
         .iter()
-        .map(|p| File::open(p).map(|f| (p.clone(), f)).ctx(|| format!("open {p}")))
+        .map(|p| {
+            File::open(p)
+                .map(|f| (p.clone(), f))
+                .ctx(|| format!("open {p}"))
+        })
         .collect::<StageResult<_>>()?;
     for (p, f) in files {
         nix::sched::setns(f, nix::sched::CloneFlags::empty()).ctx(|| format!("setns {p}"))?;
@@ -169,7 +187,8 @@ fn join_namespaces(paths: &[String]) -> StageResult<()> {
 fn find_executable(arg0: &str, env: &[String]) -> StageResult<String> {
     use nix::unistd::{access, AccessFlags};
     let ok = |p: &str| {
-        std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false) && access(p, AccessFlags::X_OK).is_ok()
+        std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false)
+            && access(p, AccessFlags::X_OK).is_ok()
     };
     if arg0.contains('/') {
         return if ok(arg0) {
@@ -218,7 +237,12 @@ fn exec(exe: &str, p: &ProcessConfig, env: &[String]) -> StageResult<Never> {
 fn install_seccomp(prog: &[crate::container::config::SockFilter]) -> StageResult<()> {
     let filters: Vec<libc::sock_filter> = prog
         .iter()
-        .map(|f| libc::sock_filter { code: f.code, jt: f.jt, jf: f.jf, k: f.k })
+        .map(|f| libc::sock_filter {
+            code: f.code,
+            jt: f.jt,
+            jf: f.jf,
+            k: f.k,
+        })
         .collect();
     let fprog = libc::sock_fprog {
         len: filters.len() as u16,
@@ -227,10 +251,19 @@ fn install_seccomp(prog: &[crate::container::config::SockFilter]) -> StageResult
     // SAFETY: fprog points at a live, well-formed program. Without
     // no_new_privs this needs CAP_SYS_ADMIN, which root has until exec.
     let rc = unsafe {
-        libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog as *const _ as libc::c_ulong, 0, 0)
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const _ as libc::c_ulong,
+            0,
+            0,
+        )
     };
     if rc < 0 {
-        return Err(format!("install seccomp filter: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "install seccomp filter: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

@@ -21,10 +21,22 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
     if !root.is_dir() {
         return Err(format!("rootfs {:?} is not a directory", cfg.path));
     }
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .ctx(|| "make / private".into())?;
-    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .ctx(|| format!("bind rootfs {}", root.display()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx(|| "make / private".into())?;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind rootfs {}", root.display()))?;
     for m in &cfg.mounts {
         do_mount(root, m)?;
     }
@@ -32,7 +44,8 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
         populate_dev(root)?;
     }
     std::env::set_current_dir(root).ctx(|| "chdir rootfs".into())?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).ctx(|| "move rootfs to /".into())?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .ctx(|| "move rootfs to /".into())?;
     nix::unistd::chroot(".").ctx(|| "chroot".into())?;
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
 
@@ -87,8 +100,14 @@ fn do_mount(root: &Path, m: &MountConfig) -> StageResult<()> {
                 std::fs::File::create(&dest).ctx(|| format!("create {}", dest.display()))?;
             }
         }
-        mount(Some(src), &dest, None::<&str>, MsFlags::MS_BIND | (flags & MsFlags::MS_REC), None::<&str>)
-            .ctx(|| format!("bind {} on {}", m.source, m.destination))?;
+        mount(
+            Some(src),
+            &dest,
+            None::<&str>,
+            MsFlags::MS_BIND | (flags & MsFlags::MS_REC),
+            None::<&str>,
+        )
+        .ctx(|| format!("bind {} on {}", m.source, m.destination))?;
         let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
         if !extra.is_empty() {
             mount(
@@ -102,14 +121,24 @@ fn do_mount(root: &Path, m: &MountConfig) -> StageResult<()> {
         }
     } else {
         std::fs::create_dir_all(&dest).ctx(|| format!("mkdir {}", dest.display()))?;
-        let fstype = if m.fstype == "cgroup" { "cgroup2" } else { m.fstype.as_str() };
+        let fstype = if m.fstype == "cgroup" {
+            "cgroup2"
+        } else {
+            m.fstype.as_str()
+        };
         let data = (!m.data.is_empty()).then_some(m.data.as_str());
         mount(Some(m.source.as_str()), &dest, Some(fstype), flags, data)
             .ctx(|| format!("mount {fstype} on {}", m.destination))?;
     }
     if m.propagation != 0 {
-        mount(None::<&str>, &dest, None::<&str>, MsFlags::from_bits_truncate(m.propagation), None::<&str>)
-            .ctx(|| format!("propagation of {}", m.destination))?;
+        mount(
+            None::<&str>,
+            &dest,
+            None::<&str>,
+            MsFlags::from_bits_truncate(m.propagation),
+            None::<&str>,
+        )
+        .ctx(|| format!("propagation of {}", m.destination))?;
     }
     Ok(())
 }
@@ -124,8 +153,14 @@ fn populate_dev(root: &Path) -> StageResult<()> {
             std::fs::File::create(&target).ctx(|| format!("create /dev/{d}"))?;
         }
         let src = format!("/dev/{d}");
-        mount(Some(src.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .ctx(|| format!("bind {src}"))?;
+        mount(
+            Some(src.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .ctx(|| format!("bind {src}"))?;
     }
     let links = [
         ("fd", "/proc/self/fd"),
@@ -148,9 +183,21 @@ fn mask(p: &str) -> StageResult<()> {
         return Ok(());
     };
     if meta.is_dir() {
-        mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>)
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
     } else {
-        mount(Some("/dev/null"), p, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
     }
     .ctx(|| format!("mask {p}"))
 }
@@ -159,8 +206,14 @@ fn readonly(p: &str) -> StageResult<()> {
     if std::fs::symlink_metadata(p).is_err() {
         return Ok(());
     }
-    mount(Some(p), p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .ctx(|| format!("bind {p} read-only"))?;
+    mount(
+        Some(p),
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind {p} read-only"))?;
     mount(
         None::<&str>,
         p,
