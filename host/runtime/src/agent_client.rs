@@ -20,6 +20,7 @@ use vmpod_proto::health::{
 };
 use vmpod_proto::health_ttrpc::HealthClient;
 
+pub use ttrpc::Code;
 pub use vmpod_proto::agent;
 pub use vmpod_proto::AGENT_VSOCK_PORT;
 
