@@ -118,12 +118,6 @@ impl QemuHypervisor {
     /// for the boxed one).
     pub async fn start_vm(&self, config: &VmConfig) -> Result<QemuVm> {
         config.validate()?;
-        if config.vsock_uds.to_string_lossy().contains(',') {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "vsock socket path {} contains a comma (unsupported by the QEMU backend)",
-                config.vsock_uds.display()
-            )));
-        }
         let virtiofsd = match (&self.virtiofsd, config.shared_dirs.is_empty()) {
             (_, true) => None,
             (Some(p), false) => Some(p.clone()),
@@ -148,18 +142,12 @@ impl QemuHypervisor {
 
         // vsock backend first: QEMU connects to its socket at start-up.
         let log = dir.path().join("vhost-device-vsock.log");
-        let vm_arg = format!(
-            "guest-cid={},socket={},uds-path={}",
-            config.guest_cid,
-            files.vhost_vsock.display(),
-            config.vsock_uds.display()
-        );
-        let mut child = process::spawn(
-            &self.vhost_vsock,
-            &["--vm".into(), vm_arg],
-            &log,
-            self.die_with_parent,
-        )?;
+        let vsock_args = [
+            format!("--guest-cid={}", config.guest_cid),
+            format!("--socket={}", files.vhost_vsock.display()),
+            format!("--uds-path={}", config.vsock_uds.display()),
+        ];
+        let mut child = process::spawn(&self.vhost_vsock, &vsock_args, &log, self.die_with_parent)?;
         process::wait_for_path(
             &files.vhost_vsock,
             &mut child,
