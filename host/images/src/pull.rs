@@ -2,10 +2,12 @@
 //! config and layers, unpack layers, make everything durable, then commit
 //! the metadata. Nothing is listed before that commit.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use oci_client::manifest::{self, OciImageManifest};
 use serde_json::Value;
 use tracing::{info, warn};
@@ -18,6 +20,9 @@ use crate::registry::Remote;
 use crate::store::{Inner, Protection};
 use crate::types::{Auth, ImageRecord};
 use crate::unpack;
+
+/// Layers downloaded/unpacked at once (containerd's default is 3).
+const PARALLEL_LAYERS: usize = 3;
 
 const LAYER_TYPES: &[&str] = &[
     manifest::IMAGE_LAYER_MEDIA_TYPE,
@@ -170,7 +175,14 @@ async fn pull_inner(
     let config_digest = manifest.config.digest.clone();
     validate_digest(&config_digest).map_err(|m| ImageError::registry(&shown, m))?;
     prot.add(&config_digest);
-    fetch_blob(inner, &remote, &config_digest, "config").await?;
+    fetch_blob(
+        inner,
+        &remote,
+        &config_digest,
+        "config",
+        &AtomicBool::new(false),
+    )
+    .await?;
     let config_bytes = inner.content.read(&config_digest)?;
     let config: Value = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::registry(&shown, format!("image config is not JSON: {e}")))?;
@@ -195,8 +207,11 @@ async fn pull_inner(
     }
     blobs.push(config_digest.clone());
 
-    // Layers: download (once), verify, unpack (once).
+    // Layers: download (once), verify, unpack (once). Up to
+    // PARALLEL_LAYERS layers are in flight; each unpacks as soon as its
+    // download is verified, while the others still download.
     let mut size = manifest_bytes.len() as u64 + manifest.config.size.max(0) as u64;
+    let n_layers = manifest.layers.len();
     for (i, (layer, diff_id)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
         if !LAYER_TYPES.contains(&layer.media_type.as_str()) {
             return Err(ImageError::registry(
@@ -208,16 +223,38 @@ async fn pull_inner(
         validate_digest(diff_id).map_err(|m| ImageError::registry(&shown, m))?;
         prot.add(&layer.digest);
         prot.add(diff_id);
-        fetch_blob(
-            inner,
-            &remote,
-            &layer.digest,
-            &format!("layer {}/{}", i + 1, manifest.layers.len()),
-        )
-        .await?;
-        ensure_unpacked(inner, &layer.digest, diff_id).await?;
         size += layer.size.max(0) as u64;
         blobs.push(layer.digest.clone());
+    }
+    let remote = &remote;
+    let abort = &AtomicBool::new(false);
+    let mut jobs: Vec<BoxFuture<'_, Result<()>>> = Vec::with_capacity(n_layers);
+    for (i, (layer, diff_id)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
+        let what = format!("layer {}/{n_layers}", i + 1);
+        jobs.push(Box::pin(async move {
+            if abort.load(Ordering::Relaxed) {
+                return Err(ImageError::registry(
+                    remote.shown(),
+                    "aborted: another layer failed",
+                ));
+            }
+            fetch_blob(inner, remote, &layer.digest, &what, abort).await?;
+            ensure_unpacked(inner, &layer.digest, diff_id).await
+        }));
+    }
+    // On the first failure, tell downloads to stop, but let unpacks already
+    // running finish, so nothing lands in the store after this pull returns.
+    let mut running = futures_util::stream::iter(jobs).buffer_unordered(PARALLEL_LAYERS);
+    let mut first_err = None;
+    while let Some(r) = running.next().await {
+        if let Err(e) = r {
+            abort.store(true, Ordering::Relaxed);
+            first_err.get_or_insert(e);
+        }
+    }
+    drop(running);
+    if let Some(e) = first_err {
+        return Err(e);
     }
 
     // Manifests last among the blobs, then make it all durable, then commit.
@@ -269,7 +306,13 @@ async fn pull_inner(
 }
 
 /// Download `digest` unless stored; one download per digest at a time.
-async fn fetch_blob(inner: &Arc<Inner>, remote: &Remote, digest: &str, what: &str) -> Result<()> {
+async fn fetch_blob(
+    inner: &Arc<Inner>,
+    remote: &Remote,
+    digest: &str,
+    what: &str,
+    abort: &AtomicBool,
+) -> Result<()> {
     let lock = inner.key_lock(digest);
     let _g = lock.lock().await;
     if inner.content.exists(digest) {
@@ -278,7 +321,7 @@ async fn fetch_blob(inner: &Arc<Inner>, remote: &Remote, digest: &str, what: &st
     }
     let t = Instant::now();
     let mut w = inner.content.writer(&format!("{what} {digest}"), digest)?;
-    remote.blob(digest, &mut w, what).await?;
+    remote.blob(digest, &mut w, what, abort).await?;
     let n = w.commit()?;
     inner.stat_blobs.fetch_add(1, Ordering::Relaxed);
     inner.stat_bytes.fetch_add(n, Ordering::Relaxed);

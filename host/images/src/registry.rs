@@ -9,6 +9,8 @@
 //! (the original host goes along only as the `?ns=` query parameter; no
 //! connection is made to it).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use base64::Engine as _;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -207,6 +209,11 @@ impl Remote {
         Err(summarise(&shown, failures))
     }
 
+    /// The normalised reference this session pulls.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
     /// Fetch a manifest by digest from the same repository.
     pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
         let r = self.reference.clone_with_digest(digest.to_string());
@@ -219,7 +226,14 @@ impl Remote {
     }
 
     /// Stream blob `digest` into `w` (which verifies it on commit).
-    pub async fn blob(&self, digest: &str, w: &mut BlobWriter, what: &str) -> Result<()> {
+    /// Stops early (with an error) once `abort` is set.
+    pub async fn blob(
+        &self,
+        digest: &str,
+        w: &mut BlobWriter,
+        what: &str,
+        abort: &AtomicBool,
+    ) -> Result<()> {
         let mut s = self
             .client
             .pull_blob_stream(&self.reference, digest)
@@ -228,6 +242,12 @@ impl Remote {
         let total = s.content_length;
         let mut next_log = 16 << 20;
         while let Some(chunk) = s.stream.next().await {
+            if abort.load(Ordering::Relaxed) {
+                return Err(ImageError::registry(
+                    &self.shown,
+                    format!("{what} {digest}: aborted"),
+                ));
+            }
             let chunk = chunk.map_err(|e| {
                 // oci-client checks the digest at the end of the stream too;
                 // report its verdict as ours.
