@@ -169,6 +169,10 @@ async fn two_tags_share_layers_and_removal_keeps_the_other() {
         "layer downloaded once"
     );
     assert_eq!(c.list(None).await.unwrap().len(), 2);
+    // A bare repository filter matches every tag of it (as `docker images busybox`).
+    let repo = format!("{}/test/busybox", reg.addr());
+    assert_eq!(c.list(Some(&repo)).await.unwrap().len(), 2);
+    assert_eq!(c.list(Some(&v2)).await.unwrap().len(), 1);
     c.remove(&v1).await.unwrap();
     let left = c.list(None).await.unwrap();
     assert_eq!(left.len(), 1);

@@ -336,3 +336,83 @@ async fn a_live_daemon_is_not_displaced_but_a_stale_socket_is_replaced() {
         .await
         .unwrap();
 }
+
+/// grpc-go clients dialling a unix socket with the passthrough resolver
+/// (crictl ≤ 1.26, kubelet ≤ 1.26) send the socket path as `:authority`.
+/// Speak raw HTTP/2 like they do: two Version calls on one connection, the
+/// second referring to the HPACK dynamic table entry holding the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_style_socket_path_authority_is_accepted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let l = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![l[1], l[2], l[3], kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let d = Daemon::start("").unwrap();
+    let path = d.socket().display().to_string();
+    let mut sock = tokio::net::UnixStream::connect(d.socket()).await.unwrap();
+    let mut enc = loona_hpack::Encoder::new();
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    for stream in [1u32, 3] {
+        let headers: [(&[u8], &[u8]); 6] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/runtime.v1.RuntimeService/Version"),
+            (b":authority", path.as_bytes()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ];
+        let block = enc.encode(headers);
+        out.extend(frame(0x1, 0x4, stream, &block)); // HEADERS, END_HEADERS
+        out.extend(frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0])); // empty VersionRequest, END_STREAM
+    }
+    sock.write_all(&out).await.unwrap();
+
+    let mut dec = loona_hpack::Decoder::new();
+    let mut data = Vec::new();
+    let mut statuses = Vec::new();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while statuses.len() < 2 {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, sock.read(&mut chunk))
+            .await
+            .expect("daemon answered in time")
+            .unwrap();
+        assert!(n > 0, "connection closed; got {statuses:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match kind {
+                0x3 => panic!("RST_STREAM {payload:?}: :authority rejected"),
+                0x7 => panic!("GOAWAY {payload:?}"),
+                0x4 if flags & 0x1 == 0 => {
+                    sock.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap(); // SETTINGS ACK
+                }
+                0x0 => data.extend_from_slice(&payload),
+                0x1 => {
+                    for (n, v) in dec.decode(&payload).unwrap() {
+                        if n == b"grpc-status" {
+                            statuses.push(String::from_utf8(v).unwrap());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(statuses, ["0", "0"]);
+    let text = String::from_utf8_lossy(&data);
+    assert_eq!(text.matches("vmpod").count(), 2, "{text:?}");
+}

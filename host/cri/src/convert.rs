@@ -26,6 +26,29 @@ pub fn image_name(spec: Option<&cri::ImageSpec>) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// `busybox` / `ghcr.io/x/y` (no tag, no digest) → the normalised
+/// repository (`docker.io/library/busybox`); `None` for anything else.
+pub fn bare_repository(name: &str) -> Option<String> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        return None;
+    }
+    vmpod_images::ImageRef::parse(name).ok().map(|r| r.name())
+}
+
+/// Does any tag or digest of `r` belong to repository `repo`?
+pub fn in_repository(r: &ImageRecord, repo: &str) -> bool {
+    r.repo_tags.iter().chain(&r.repo_digests).any(|n| {
+        let without_digest = n.split('@').next().unwrap_or(n);
+        let slash = without_digest.rfind('/').map(|i| i + 1).unwrap_or(0);
+        let name = match without_digest[slash..].rfind(':') {
+            Some(i) => &without_digest[..slash + i],
+            None => without_digest,
+        };
+        name == repo
+    })
+}
+
 /// A stored image as CRI reports it (containerd's shape).
 pub fn image(r: &ImageRecord) -> cri::Image {
     cri::Image {
@@ -140,6 +163,29 @@ mod tests {
         let expected = format!("sha256:{}", hex(&Sha256::digest(b"sha256:a sha256:b")));
         assert_eq!(chain_id(&["sha256:a".into(), "sha256:b".into()]), expected);
         assert_eq!(chain_id(&[]), "");
+    }
+
+    #[test]
+    fn bare_repository_matches_every_tag() {
+        assert_eq!(
+            bare_repository("busybox").as_deref(),
+            Some("docker.io/library/busybox")
+        );
+        assert_eq!(
+            bare_repository("127.0.0.1:5000/a/b").as_deref(),
+            Some("127.0.0.1:5000/a/b")
+        );
+        assert_eq!(bare_repository("busybox:1.36"), None);
+        assert_eq!(bare_repository("busybox@sha256:abc"), None);
+        let r = record();
+        assert!(in_repository(&r, "docker.io/library/busybox"));
+        assert!(!in_repository(&r, "docker.io/library/busy"));
+        let mut r = record();
+        r.repo_tags.clear();
+        assert!(
+            in_repository(&r, "docker.io/library/busybox"),
+            "by digest name"
+        );
     }
 
     #[test]

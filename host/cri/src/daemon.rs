@@ -22,6 +22,7 @@ use vmpod_images::ImageStore;
 use crate::config::Config;
 use crate::image_service::ImageSvc;
 use crate::runtime_service::RuntimeSvc;
+use crate::uds_authority::AuthorityFix;
 
 pub const DEFAULT_SOCKET: &str = "/run/vmpod/vmpod.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmpod";
@@ -148,7 +149,7 @@ impl Daemon {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stop_rx.await;
             });
         tokio::pin!(server);
@@ -170,6 +171,15 @@ impl Daemon {
         tracing::info!("vmpod CRI daemon stopped");
         result.map_err(DaemonError::from)
     }
+}
+
+/// Accepted connections, each wrapped so grpc-go clients that send the
+/// socket path as `:authority` are understood (see `uds_authority`).
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new))
 }
 
 /// One span per RPC: method path plus a process-unique request id.

@@ -46,13 +46,28 @@ impl ImageService for ImageSvc {
         &self,
         req: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
-        let filter = ImageFilter {
-            image: req
-                .into_inner()
-                .filter
-                .and_then(|f| convert::image_name(f.image.as_ref())),
-        };
-        let records = self.blocking(move |s| s.list(&filter)).await?;
+        let name = req
+            .into_inner()
+            .filter
+            .and_then(|f| convert::image_name(f.image.as_ref()));
+        // A bare repository (`busybox`, no tag or digest) also matches every
+        // tag of that repository, as `docker images busybox` does.
+        let repo = name.as_deref().and_then(convert::bare_repository);
+        let filter = ImageFilter { image: name };
+        let records = self
+            .blocking(move |s| {
+                let mut found = s.list(&filter)?;
+                if let Some(repo) = repo {
+                    for r in s.list(&ImageFilter::default())? {
+                        if convert::in_repository(&r, &repo) && !found.iter().any(|f| f.id == r.id)
+                        {
+                            found.push(r);
+                        }
+                    }
+                }
+                Ok(found)
+            })
+            .await?;
         tracing::debug!(count = records.len(), "listed images");
         Ok(Response::new(cri::ListImagesResponse {
             images: records.iter().map(convert::image).collect(),

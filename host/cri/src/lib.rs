@@ -11,3 +11,4 @@ mod du;
 pub mod image_service;
 pub mod runtime_service;
 pub mod status;
+pub mod uds_authority;
