@@ -124,6 +124,12 @@ impl Cgroup {
 
     pub fn apply(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
         for (file, value) in writes {
+            // Guest kernels without swap have no swap accounting: a swap
+            // limit is moot there.
+            if file == "memory.swap.max" && !fs.root().join(&self.rel).join(file).exists() {
+                tracing::debug!(cgroup = %self.rel.display(), "no memory.swap.max: swap limit skipped");
+                continue;
+            }
             fs.write(&self.rel, file, value)
                 .map_err(err(&self.rel, "write", file))?;
         }

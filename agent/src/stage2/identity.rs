@@ -60,9 +60,11 @@ pub fn resolve_in(u: &UserConfig, passwd: &str, group: &str) -> StageResult<Ids>
         ),
         None => match user.parse::<u32>() {
             Ok(n) => (n, n, "/".to_string(), String::new()),
-            Err(_) => return Err(format!(
+            Err(_) => {
+                return Err(format!(
                 "unable to find user {user:?}: no matching entries in the container's /etc/passwd"
-            )),
+            ))
+            }
         },
     };
     if let Some(g) = grp {
@@ -133,13 +135,14 @@ pub fn apply(ids: &Ids, p: &ProcessConfig) -> StageResult<()> {
     nix::unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", ids.uid))?;
     nix::sys::prctl::set_keepcaps(false).ctx(|| "PR_SET_KEEPCAPS".into())?;
     if c.bounding.is_some() || c.permitted.is_some() || c.effective.is_some() {
-        // Permitted first (it bounds the others), then inheritable, effective.
+        // Shrink effective first (it must stay within permitted), then
+        // permitted, then inheritable (bounded by permitted).
+        let eff = cap_set(c.effective.as_deref().unwrap_or_default())?;
+        caps::set(None, CapSet::Effective, &eff).ctx(|| "set effective caps".into())?;
         let permitted = cap_set(c.permitted.as_deref().unwrap_or_default())?;
         caps::set(None, CapSet::Permitted, &permitted).ctx(|| "set permitted caps".into())?;
         let inh = cap_set(c.inheritable.as_deref().unwrap_or_default())?;
         caps::set(None, CapSet::Inheritable, &inh).ctx(|| "set inheritable caps".into())?;
-        let eff = cap_set(c.effective.as_deref().unwrap_or_default())?;
-        caps::set(None, CapSet::Effective, &eff).ctx(|| "set effective caps".into())?;
         if let Some(amb) = &c.ambient {
             for cap in cap_set(amb)? {
                 caps::raise(None, CapSet::Ambient, cap).ctx(|| format!("raise ambient {cap}"))?;

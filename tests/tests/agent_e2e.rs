@@ -1,0 +1,463 @@
+//! End-to-end tests of the guest agent: one real microVM (the QEMU backend;
+//! TCG on hosts whose KVM cannot run guest userspace) with the repo's guest
+//! kernel and the test initramfs (`build/guest/initramfs-test.cpio.gz`,
+//! which carries a busybox container rootfs at /containers/busybox), shared
+//! by every test in this file; everything goes over vsock with the agent
+//! client.
+//!
+//! Needs `make guest tools` (kernel, initramfs, vhost-device-vsock).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmpod_runtime::agent_client::{AgentClient, ExecSpec, OutputStream, AGENT_VSOCK_PORT};
+use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
+use vmpod_runtime::hypervisor::{VmConfig, VmHandle};
+
+const ROOTFS: &str = "/containers/busybox";
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    client: AgentClient,
+    _vm: Box<dyn VmHandle>,
+    console: PathBuf,
+}
+
+static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
+
+fn artifacts() -> (PathBuf, PathBuf) {
+    let g = vmpod_tests::build_dir().join("guest");
+    (g.join("vmlinux"), g.join("initramfs-test.cpio.gz"))
+}
+
+fn boot() -> Result<Fixture, String> {
+    let (kernel, initrd) = artifacts();
+    for p in [&kernel, &initrd] {
+        if !p.exists() {
+            return Err(format!("{} missing: run `make guest` first", p.display()));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    // A fixed directory (recreated per run) keeps the console log for
+    // post-mortems; the VM lives as long as the test process.
+    let dir = vmpod_tests::repo_root().join("target/agent-e2e");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    eprintln!("agent e2e VM files in {}", dir.display());
+    let console = dir.join("console.log");
+    let config = VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 reboot=t panic=-1 quiet".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        vsock_uds: dir.join("vsock"),
+        guest_cid: 3,
+        console_log: console.clone(),
+        disks: vec![],
+        nets: vec![],
+        shared_dirs: vec![],
+        rng: true,
+    };
+    // Start from a runtime worker thread: the VM's processes die with the
+    // thread that spawned them (die_with_parent), and test threads come and go.
+    let console2 = console.clone();
+    let booted = rt.block_on(async move {
+        tokio::spawn(async move {
+            let hv = QemuHypervisor::discover(Accel::Auto)
+                .map_err(|e| e.to_string())?
+                .die_with_parent(true);
+            let t = Instant::now();
+            let vm = hv.start_vm(&config).await.map_err(|e| e.to_string())?;
+            let vm: Box<dyn VmHandle> = Box::new(vm);
+            let client = AgentClient::connect_retry(
+                vm.vsock_uds(),
+                AGENT_VSOCK_PORT,
+                Duration::from_secs(90),
+            )
+            .await
+            .map_err(|e| {
+                let log = std::fs::read_to_string(&console2).unwrap_or_default();
+                format!("{e}\nconsole:\n{log}")
+            })?;
+            eprintln!("agent ready {:?} after VM start", t.elapsed());
+            client.sync_time().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((vm, client.with_timeout(Duration::from_secs(60))))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    });
+    let (vm, client) = booted?;
+    Ok(Fixture {
+        rt,
+        client,
+        _vm: vm,
+        console,
+    })
+}
+
+fn fixture() -> &'static Fixture {
+    match FIXTURE.get_or_init(boot) {
+        Ok(f) => f,
+        Err(e) => panic!("booting the agent VM failed: {e}"),
+    }
+}
+
+fn spec(args: &[&str]) -> serde_json::Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "noNewPrivileges": true,
+            "capabilities": {
+                "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
+            }
+        },
+        "root": {"path": ROOTFS},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
+
+fn bytes(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+/// create + start + collect output + wait + remove.
+async fn run(
+    c: &AgentClient,
+    id: &str,
+    spec: &serde_json::Value,
+) -> (String, String, vmpod_runtime::agent_client::ExitStatus) {
+    c.create_container(id, bytes(spec), "", None, false)
+        .await
+        .unwrap();
+    c.start_container(id).await.unwrap();
+    let (out, err) = tokio::join!(
+        c.read_to_end(id, "", OutputStream::Stdout),
+        c.read_to_end(id, "", OutputStream::Stderr)
+    );
+    let st = c.wait(id, "").await.unwrap();
+    c.remove_container(id).await.unwrap();
+    (
+        String::from_utf8_lossy(&out.unwrap()).into(),
+        String::from_utf8_lossy(&err.unwrap()).into(),
+        st,
+    )
+}
+
+#[test]
+fn health_version_and_details() {
+    let f = fixture();
+    f.rt.block_on(async {
+        f.client.check().await.unwrap();
+        let v = f.client.version().await.unwrap();
+        assert_eq!(v.protocol_version, 1);
+        assert!(!v.agent_version.is_empty());
+        let d = f.client.guest_details().await.unwrap();
+        assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+        assert!(d.cpus >= 1);
+        assert!(d.mem_total_bytes > 100 << 20, "{}", d.mem_total_bytes);
+        assert!(
+            d.mount_points.iter().any(|m| m == "/sys/fs/cgroup"),
+            "{:?}",
+            d.mount_points
+        );
+    });
+}
+
+#[test]
+fn echo_output_and_exit_code() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let s = spec(&[
+            "sh",
+            "-c",
+            "echo hello from the guest; echo oops >&2; exit 3",
+        ]);
+        let (out, err, st) = run(&f.client, "echo", &s).await;
+        assert_eq!(out, "hello from the guest\n");
+        assert_eq!(err, "oops\n");
+        assert_eq!((st.exit_code, st.signal, st.oom_killed), (3, 0, false));
+        assert!(
+            st.finished_at_unix_nanos >= st.started_at_unix_nanos && st.started_at_unix_nanos > 0
+        );
+    });
+}
+
+#[test]
+fn large_output_is_not_lost() {
+    let f = fixture();
+    f.rt.block_on(async {
+        // 2 MiB through the 1 MiB agent buffer and 64 KiB chunks.
+        let s = spec(&["sh", "-c", "head -c 2097152 /dev/zero | tr '\\0' x"]);
+        let (out, _, st) = run(&f.client, "bigout", &s).await;
+        assert_eq!(st.exit_code, 0);
+        assert_eq!(out.len(), 2 << 20);
+        assert!(out.bytes().all(|b| b == b'x'));
+    });
+}
+
+#[test]
+fn memory_limit_oom_kill() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let mut s = spec(&["sh", "-c", "tail /dev/zero; echo survived"]);
+        s["linux"]["resources"] = json!({"memory": {"limit": 32 << 20, "swap": 32 << 20}});
+        let id = "oom";
+        f.client
+            .create_container(id, bytes(&s), "", None, false)
+            .await
+            .unwrap();
+        let stats = f.client.stats(id).await.unwrap();
+        assert_eq!(stats.memory.limit_bytes, 32 << 20, "memory.max written");
+        f.client.start_container(id).await.unwrap();
+        let st = f.client.wait(id, "").await.unwrap();
+        let stats = f.client.stats(id).await.unwrap();
+        assert!(st.oom_killed, "{st:?}");
+        assert!(
+            stats.memory.oom_kill_events >= 1,
+            "memory.events oom_kill: {:?}",
+            stats.memory
+        );
+        f.client.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn exec_signal_and_wait() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        let id = "longrun";
+        let s = spec(&[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.2; done",
+        ]);
+        c.create_container(id, bytes(&s), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let (first, _) = c
+            .read_chunk(id, "", OutputStream::Stdout, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&first), "ready\n");
+
+        // exec: output, exit code, same namespaces as the container.
+        let e = ExecSpec {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo in-exec $(cat /proc/1/cmdline | tr '\\0' ' '); exit 4".into(),
+            ],
+            ..Default::default()
+        };
+        c.exec(id, "e1", &e).await.unwrap();
+        let out = c.read_to_end(id, "e1", OutputStream::Stdout).await.unwrap();
+        let st = c.wait(id, "e1").await.unwrap();
+        assert_eq!(st.exit_code, 4);
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("in-exec sh -c trap"),
+            "exec sees the container's PID 1: {out}"
+        );
+
+        // exec as another user from the container's /etc/passwd.
+        let e = ExecSpec {
+            args: vec!["id".into()],
+            username: Some("user".into()),
+            ..Default::default()
+        };
+        c.exec(id, "e2", &e).await.unwrap();
+        let out = c.read_to_end(id, "e2", OutputStream::Stdout).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("uid=1000(user) gid=1000(user)"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+
+        // a failing exec is a clear error, quickly.
+        let t = Instant::now();
+        let e = ExecSpec {
+            args: vec!["/bin/no-such-binary".into()],
+            ..Default::default()
+        };
+        let err = c.exec(id, "e3", &e).await.unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-binary") && err.contains("not found"),
+            "{err}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        let e = ExecSpec {
+            args: vec!["true".into()],
+            username: Some("ghost".into()),
+            ..Default::default()
+        };
+        let err = c.exec(id, "e4", &e).await.unwrap_err().to_string();
+        assert!(err.contains("ghost"), "{err}");
+
+        // SIGTERM reaches the trap; wait reports the exit.
+        c.signal(id, "", 15, false).await.unwrap();
+        let st = c.wait(id, "").await.unwrap();
+        assert_eq!((st.exit_code, st.signal), (42, 0));
+        let rest = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
+        assert!(String::from_utf8_lossy(&rest).contains("got-term"));
+        c.remove_container(id).await.unwrap();
+
+        // SIGKILL: reported as a signal.
+        let id = "killme";
+        c.create_container(id, bytes(&spec(&["sleep", "1000"])), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        c.signal(id, "", 9, false).await.unwrap();
+        let st = c.wait(id, "").await.unwrap();
+        assert_eq!((st.exit_code, st.signal), (137, 9));
+        c.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn pid_namespace_and_hostname() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let mut s = spec(&["sh", "-c", "echo $$; hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'"]);
+        s["hostname"] = json!("ctr-host");
+        let (out, err, st) = run(&f.client, "pidns", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "1", "the container's process is PID 1: {out}");
+        assert_eq!(lines[1], "ctr-host");
+        assert!(lines[2].starts_with("sh -c echo"), "{out}");
+        // only the shell and its children are visible
+        let visible: u32 = lines[3].trim().parse().unwrap();
+        assert!(visible <= 4, "container sees {visible} processes");
+        // the guest's hostname is untouched
+        let d = f.client.guest_details().await.unwrap();
+        assert!(!d.container_ids.contains(&"pidns".to_string()));
+    });
+}
+
+#[test]
+fn remove_leaves_no_cgroup_or_mount() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        let before = c.guest_details().await.unwrap();
+        let id = "cleanup";
+        let mut s = spec(&["sh", "-c", "mount -t tmpfs extra /tmp && sleep 1000"]);
+        s["mounts"] = json!([{"destination": "/mnt/data", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}]);
+        s["process"]["capabilities"]["bounding"].as_array_mut().unwrap().push(json!("CAP_SYS_ADMIN"));
+        s["process"]["capabilities"]["effective"].as_array_mut().unwrap().push(json!("CAP_SYS_ADMIN"));
+        s["process"]["capabilities"]["permitted"].as_array_mut().unwrap().push(json!("CAP_SYS_ADMIN"));
+        c.create_container(id, bytes(&s), "", None, false).await.unwrap();
+        c.start_container(id).await.unwrap();
+        let during = c.guest_details().await.unwrap();
+        assert!(during.cgroups.contains(&format!("vmpod/{id}")), "{:?}", during.cgroups);
+        assert!(during.container_ids.contains(&id.to_string()));
+        // the container's mounts are in its own namespace, never the guest's
+        assert!(!during.mount_points.iter().any(|m| m.contains("/mnt/data") || m.starts_with(ROOTFS)), "{:?}", during.mount_points);
+        c.remove_container(id).await.unwrap();
+        let after = c.guest_details().await.unwrap();
+        assert!(!after.cgroups.iter().any(|g| g == &format!("vmpod/{id}")), "{:?}", after.cgroups);
+        assert!(!after.container_ids.contains(&id.to_string()));
+        let mut b = before.mount_points.clone();
+        let mut a = after.mount_points.clone();
+        b.sort();
+        a.sort();
+        assert_eq!(a, b, "guest mount table changed");
+        let err = c.wait(id, "").await.unwrap_err();
+        assert_eq!(err.code(), Some(vmpod_runtime::agent_client::Code::NOT_FOUND), "{err}");
+    });
+}
+
+#[test]
+fn bad_specs_are_clear_errors_and_agent_keeps_serving() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        use vmpod_runtime::agent_client::Code::{INVALID_ARGUMENT, NOT_FOUND};
+        let mut s = spec(&["true"]);
+        s["root"]["path"] = json!("/containers/does-not-exist");
+        let e = c
+            .create_container("bad1", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("does-not-exist"), "{e}");
+        assert_eq!(e.code(), Some(INVALID_ARGUMENT));
+
+        let t = Instant::now();
+        let e = c
+            .create_container(
+                "bad2",
+                bytes(&spec(&["true"])),
+                "",
+                Some("nosuchuser"),
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nosuchuser"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+
+        let e = c
+            .create_container(
+                "bad3",
+                bytes(&spec(&["/bin/missing-binary"])),
+                "",
+                None,
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("missing-binary"), "{e}");
+
+        let e = c
+            .create_container("bad4", b"{not json".to_vec(), "", None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(INVALID_ARGUMENT), "{e}");
+        let e = c
+            .create_container("../x", bytes(&spec(&["true"])), "", None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(INVALID_ARGUMENT), "{e}");
+        let e = c.start_container("never-created").await.unwrap_err();
+        assert_eq!(e.code(), Some(NOT_FOUND), "{e}");
+
+        // nothing left behind, and the agent still runs containers
+        let d = c.guest_details().await.unwrap();
+        for id in ["bad1", "bad2", "bad3", "bad4"] {
+            assert!(
+                !d.cgroups.contains(&format!("vmpod/{id}")),
+                "{:?}",
+                d.cgroups
+            );
+            assert!(!d.container_ids.contains(&id.to_string()));
+        }
+        c.check().await.unwrap();
+        let (out, _, st) = run(c, "after-bad", &spec(&["echo", "still serving"])).await;
+        assert_eq!((out.as_str(), st.exit_code), ("still serving\n", 0));
+        let _ = &f.console;
+    });
+}
