@@ -146,6 +146,15 @@ enum Cmd {
     List,
     /// Destroy the sandbox: remove every container and sandbox mount.
     Destroy,
+    /// Measure health round trips and create+start+wait of `true`; prints JSON.
+    Bench {
+        #[arg(long, default_value_t = 100)]
+        health: usize,
+        #[arg(long, default_value_t = 10)]
+        containers: usize,
+        #[arg(long, default_value = "/containers/busybox")]
+        rootfs: String,
+    },
 }
 
 pub fn run(args: AgentCtlArgs) -> anyhow::Result<ExitCode> {
@@ -431,6 +440,14 @@ async fn run_async(a: AgentCtlArgs) -> anyhow::Result<ExitCode> {
                 println!("{}\t{}\t{}", ci.container_id, ci.status, ci.pid);
             }
         }
+        Cmd::Bench {
+            health,
+            containers,
+            rootfs,
+        } => {
+            let r = bench(&c, health, containers, &rootfs).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
         Cmd::Destroy => {
             c.destroy_sandbox().await?;
             println!("sandbox destroyed");
@@ -439,9 +456,75 @@ async fn run_async(a: AgentCtlArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// median, spread (p10/p90, min/max) in milliseconds.
+fn summary(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({
+        "n": v.len(),
+        "median_ms": at(0.5),
+        "p10_ms": at(0.1),
+        "p90_ms": at(0.9),
+        "min_ms": v[0],
+        "max_ms": v[v.len() - 1],
+    })
+}
+
+async fn bench(
+    c: &AgentClient,
+    health: usize,
+    containers: usize,
+    rootfs: &str,
+) -> anyhow::Result<serde_json::Value> {
+    if health == 0 || containers == 0 {
+        bail!("--health and --containers must be at least 1");
+    }
+    c.check().await?; // warm-up
+    let mut h = Vec::with_capacity(health);
+    for _ in 0..health {
+        let t = std::time::Instant::now();
+        c.check().await?;
+        h.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let spec = serde_json::to_vec(&minimal_spec(
+        rootfs,
+        &["true".to_string()],
+        None,
+        None,
+        false,
+    ))?;
+    let mut runs = Vec::with_capacity(containers);
+    for i in 0..containers {
+        let id = format!("bench-true-{i}");
+        let t = std::time::Instant::now();
+        c.create_container(&id, spec.clone(), "", None, false)
+            .await?;
+        c.start_container(&id).await?;
+        let st = c.wait(&id, "").await?;
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+        c.remove_container(&id).await?;
+        if st.exit_code != 0 {
+            bail!("`true` exited with {}", st.exit_code);
+        }
+    }
+    Ok(serde_json::json!({
+        "health_rpc": summary(h),
+        "container_create_start_wait_true": summary(runs),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_stats() {
+        let s = summary(vec![5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(s["median_ms"], 3.0);
+        assert_eq!(s["min_ms"], 1.0);
+        assert_eq!(s["max_ms"], 5.0);
+        assert_eq!(s["n"], 5);
+    }
 
     #[test]
     fn signals() {
