@@ -461,3 +461,147 @@ fn bad_specs_are_clear_errors_and_agent_keeps_serving() {
         let _ = &f.console;
     });
 }
+
+#[test]
+fn isolation_settings_applied() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let script = "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; id; pwd; ulimit -n; \
+             echo masked=$(wc -c < /etc/hostname) $(ls /home | wc -l); echo 1 > /proc/sys/kernel/domainname && echo sysctl-writable; \
+             touch /rootfs-write && echo rootfs-writable; mkdir /tmp/d && echo mkdir-ok; true";
+        let mut s = spec(&["sh", "-c", script]);
+        s["root"]["readonly"] = json!(true);
+        s["mounts"] = json!([{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]}]);
+        s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [100]});
+        s["process"]["cwd"] = json!("/tmp");
+        s["linux"]["maskedPaths"] = json!(["/etc/hostname", "/home", "/proc/kcore"]);
+        s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 200, "soft": 100}]);
+        s["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+        let (out, err, st) = run(&f.client, "isolated", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        let has = |needle: &str| out.lines().any(|l| l.replace('\t', " ").trim() == needle);
+        // Bounding set = CAP_CHOWN(0) CAP_KILL(5) CAP_SETGID(6) CAP_SETUID(7)
+        // = 0xe1; the non-root user has no effective capabilities.
+        assert!(has("CapEff: 0000000000000000"), "{out}");
+        assert!(has("CapBnd: 00000000000000e1"), "{out}");
+        assert!(has("NoNewPrivs: 1"), "{out}");
+        assert!(has("uid=1000(user) gid=1000(user) groups=100(users)"), "{out}");
+        assert!(has("/tmp"), "cwd: {out}");
+        assert!(has("100"), "RLIMIT_NOFILE soft: {out}");
+        assert!(has("masked=0 0"), "masked file and dir read empty: {out}");
+        assert!(!out.contains("sysctl-writable"), "{out}");
+        assert!(!out.contains("rootfs-writable"), "{out}");
+        assert!(err.contains("Read-only file system"), "{err}");
+        assert!(!out.contains("mkdir-ok"), "seccomp must deny mkdir: {out}");
+        assert!(err.contains("Operation not permitted"), "{err}");
+    });
+}
+
+#[test]
+fn stdin_tty_update_and_stats() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        // stdin: cat echoes what we send, and exits on close.
+        let id = "stdin";
+        c.create_container(id, bytes(&spec(&["cat"])), "", None, true)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        c.write_stdin(id, "", b"line one\nline two\n")
+            .await
+            .unwrap();
+        c.close_stdin(id, "").await.unwrap();
+        let out = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
+        assert_eq!(out, b"line one\nline two\n");
+        assert_eq!(c.wait(id, "").await.unwrap().exit_code, 0);
+        c.remove_container(id).await.unwrap();
+
+        // tty exec, resources update, stats.
+        let id = "ttyc";
+        c.create_container(id, bytes(&spec(&["sleep", "1000"])), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let e = ExecSpec {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "test -t 0 && test -t 1 && echo is-a-tty".into(),
+            ],
+            terminal: true,
+            ..Default::default()
+        };
+        c.exec(id, "t1", &e).await.unwrap();
+        c.resize_tty(id, "t1", 40, 120).await.unwrap_or(()); // may race with exit
+        let out = c.read_to_end(id, "t1", OutputStream::Stdout).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&out).contains("is-a-tty"),
+            "{out:?}"
+        );
+        assert_eq!(c.wait(id, "t1").await.unwrap().exit_code, 0);
+
+        let res = vmpod_runtime::agent_client::agent::LinuxResources {
+            memory_limit_bytes: 64 << 20,
+            pids_limit: 20,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        };
+        c.update_container(id, res).await.unwrap();
+        let s = c.stats(id).await.unwrap();
+        assert_eq!(s.memory.limit_bytes, 64 << 20);
+        assert_eq!(s.pids.limit, 20);
+        assert!(s.pids.current >= 1);
+        assert!(s.memory.current_bytes > 0);
+        assert!(s.cpu.usage_usec > 0);
+        let list = c.list_containers().await.unwrap();
+        assert!(list
+            .iter()
+            .any(|ci| ci.container_id == id && ci.status == "running"));
+        c.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn sandbox_setup() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        use vmpod_runtime::agent_client::agent::{CreateSandboxRequest, Sysctl};
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        c.create_sandbox(CreateSandboxRequest {
+            sandbox_id: "pod1".into(),
+            hostname: "pod-one".into(),
+            dns_servers: vec!["10.96.0.10".into()],
+            dns_searches: vec!["default.svc.cluster.local".into()],
+            sysctls: vec![Sysctl { key: "net.ipv4.ip_forward".into(), value: "1".into(), ..Default::default() }],
+            host_time_unix_nanos: now.as_nanos() as i64,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut s = spec(&["sh", "-c", "hostname; cat /etc/resolv.conf; cat /proc/sys/net/ipv4/ip_forward; date +%s"]);
+        s["mounts"] = json!([{"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf", "options": ["rbind", "ro"]}]);
+        let (out, err, st) = run(c, "sbx", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "pod-one", "containers inherit the pod hostname: {out}");
+        assert!(out.contains("nameserver 10.96.0.10") && out.contains("search default.svc.cluster.local"), "{out}");
+        assert_eq!(lines[lines.len() - 2], "1", "{out}");
+        let guest_now: i64 = lines[lines.len() - 1].parse().unwrap();
+        assert!((guest_now - now.as_secs() as i64).abs() < 60, "guest clock {guest_now} vs host {}", now.as_secs());
+
+        let e = c
+            .create_sandbox(CreateSandboxRequest {
+                sysctls: vec![Sysctl { key: "../../etc".into(), value: "x".into(), ..Default::default() }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT), "{e}");
+    });
+}
