@@ -85,3 +85,50 @@ impl Reaper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fork_exit(code: i32, sig: Option<i32>) -> Result<(i32, ()), std::io::Error> {
+        // SAFETY: the child only calls async-signal-safe functions.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => unsafe {
+                if let Some(s) = sig {
+                    libc::kill(libc::getpid(), s);
+                }
+                libc::_exit(code)
+            },
+            pid => Ok((pid, ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn statuses_reach_their_waiters() {
+        let r = Reaper::default();
+        let (_, _, rx1) = r.spawn(|| fork_exit(7, None)).unwrap();
+        let (_, _, rx2) = r.spawn(|| fork_exit(0, Some(libc::SIGKILL))).unwrap();
+        // Reap until both are in (children exit asynchronously).
+        let mut rx1 = rx1;
+        let mut rx2 = rx2;
+        let (mut a, mut b) = (None, None);
+        for _ in 0..500 {
+            r.reap();
+            if a.is_none() {
+                a = rx1.try_recv().ok();
+            }
+            if b.is_none() {
+                b = rx2.try_recv().ok();
+            }
+            if a.is_some() && b.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(a, Some(Exit::Code(7)));
+        assert_eq!(b, Some(Exit::Signal(libc::SIGKILL)));
+        assert_eq!(Exit::Signal(9).code(), 137);
+    }
+}
