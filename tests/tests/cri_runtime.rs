@@ -267,10 +267,21 @@ async fn socket_is_0660_and_removed_on_sigterm() {
     let md = std::fs::metadata(d.socket()).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    // A connected client (as kubelet keeps one) does not hold up shutdown.
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
     let st = d.stop().unwrap();
     assert!(st.success(), "exit status {st}: {}", d.log());
     assert!(!d.socket().exists(), "socket removed on shutdown");
     assert!(d.log().contains("SIGTERM"), "{}", d.log());
+    assert!(
+        !d.log().contains("stopping anyway"),
+        "an idle client connection must not stall the drain: {}",
+        d.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
