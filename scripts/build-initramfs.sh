@@ -12,10 +12,8 @@ BUSYBOX=${BUSYBOX:-/bin/busybox}
 CARGO=${CARGO:-cargo}
 
 [ -x "$AGENT" ] || { echo "build-initramfs: $AGENT missing: run 'make agent'" >&2; exit 1; }
-if ! file -b "$AGENT" 2>/dev/null | grep -q "static"; then
-  if ldd "$AGENT" >/dev/null 2>&1; then
-    echo "build-initramfs: $AGENT is not statically linked" >&2; exit 1
-  fi
+if readelf -l "$AGENT" | grep -q "program interpreter"; then
+  echo "build-initramfs: $AGENT is not statically linked" >&2; exit 1
 fi
 mkdir -p "$OUT"
 echo ">> building vmpod-rootfs-builder"
