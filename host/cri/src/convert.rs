@@ -79,6 +79,7 @@ pub fn image_verbose_info(r: &ImageRecord) -> HashMap<String, String> {
     let info = serde_json::json!({
         "imageSpec": config,
         "chainID": chain_id(&r.layers),
+        "size": r.size,
         "layerDirs": r.layer_dirs,
     });
     HashMap::from([("info".to_string(), info.to_string())])
@@ -155,6 +156,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
         assert_eq!(v["imageSpec"]["architecture"], "amd64");
         assert_eq!(v["chainID"], "sha256:l0");
+        assert_eq!(v["size"], 1234);
     }
 
     #[test]
