@@ -173,6 +173,10 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
     stop.store(true, Ordering::SeqCst);
     join_vcpus(threads);
     STOP_FD.store(-1, Ordering::SeqCst);
+    for t in &virtio {
+        let (name, stats) = t.lock().unwrap_or_else(|e| e.into_inner()).device().stats();
+        tracing::info!(device = name, %stats, "device stats");
+    }
     // Devices (and their sockets, TAP fds) go away with `virtio`.
     drop(virtio);
     let _ = std::fs::remove_file(&vsock_uds);

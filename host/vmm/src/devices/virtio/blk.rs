@@ -84,6 +84,8 @@ pub struct Disk {
 
 pub struct Block {
     disk: Disk,
+    requests: u64,
+    errors: u64,
     config: [u8; 8],
     active: Option<Active>,
 }
@@ -116,6 +118,8 @@ impl Block {
     pub fn from_file(file: File, len: u64, read_only: bool, id: &str) -> Self {
         let disk = Disk::new(file, len, read_only, id);
         Self {
+            requests: 0,
+            errors: 0,
             config: (disk.capacity / SECTOR_SIZE).to_le_bytes(),
             disk,
             active: None,
@@ -129,7 +133,17 @@ impl Block {
         let mut used = false;
         while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            let len = self.disk.handle_chain(&a.mem, chain).unwrap_or(0);
+            let len = match self.disk.handle_chain(&a.mem, chain) {
+                Some((len, ok)) => {
+                    self.errors += u64::from(!ok);
+                    len
+                }
+                None => {
+                    self.errors += 1;
+                    0
+                }
+            };
+            self.requests += 1;
             if a.queue.add_used(&a.mem, head, len).is_err() {
                 tracing::warn!("virtio-blk: cannot add used entry");
             }
@@ -156,12 +170,13 @@ impl Disk {
     }
 
     /// Execute one request chain; returns bytes written to the driver
-    /// (data + status byte), or None if there was no place for a status.
+    /// (data + status byte) and whether it succeeded, or None if there was
+    /// no place for a status.
     pub fn handle_chain(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Option<u32> {
+    ) -> Option<(u32, bool)> {
         let mut reader = chain.clone().reader(mem).ok()?;
         let mut writer = chain.writer(mem).ok()?;
         let writable = writer.available_bytes();
@@ -177,7 +192,7 @@ impl Disk {
             }
         };
         status_w.write_all(&[status]).ok()?;
-        Some(data_len as u32 + 1)
+        Some((data_len as u32 + 1, status == S_OK))
     }
 
     fn execute<R: Read, W: Write>(
@@ -298,6 +313,12 @@ impl VirtioDevice for Block {
     }
     fn reset(&mut self) {
         self.active = None;
+    }
+    fn stats(&self) -> (&'static str, String) {
+        (
+            "virtio-blk",
+            format!("requests={} errors={}", self.requests, self.errors),
+        )
     }
 }
 

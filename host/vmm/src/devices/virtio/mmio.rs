@@ -343,6 +343,9 @@ mod tests {
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
         }
+        fn stats(&self) -> (&'static str, String) {
+            ("dummy", String::new())
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<State>>) {

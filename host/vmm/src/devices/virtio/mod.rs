@@ -98,6 +98,9 @@ pub trait VirtioDevice: Send {
     fn backend_event(&mut self) {}
     /// Called about once a second (timeouts).
     fn tick(&mut self) {}
+    /// Short device name and counters for the exit summary, e.g.
+    /// `("virtio-rng", "requests=3 bytes=192")`.
+    fn stats(&self) -> (&'static str, String);
 }
 
 /// Copy from a device's config space with bounds checks (out of range
@@ -169,8 +172,11 @@ pub(crate) mod test_util {
 
         /// Add one chain of (addr, len, writable) descriptors and publish it.
         pub fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-            let head = self.next_desc;
             let n = descs.len() as u16;
+            if self.next_desc + n > 16 {
+                self.next_desc = 0; // reuse the table (earlier chains are done)
+            }
+            let head = self.next_desc;
             for (i, &(addr, len, w)) in descs.iter().enumerate() {
                 let idx = head + i as u16;
                 let mut flags = if w { F_WRITE } else { 0 };

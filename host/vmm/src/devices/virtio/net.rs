@@ -115,6 +115,8 @@ pub struct Net {
     rx_frame: Option<Vec<u8>>,
     /// The TAP may have more to read (edge-triggered).
     rx_ready: bool,
+    rx_frames: u64,
+    tx_frames: u64,
 }
 
 struct Active {
@@ -131,6 +133,8 @@ impl Net {
             active: None,
             rx_frame: None,
             rx_ready: true,
+            rx_frames: 0,
+            tx_frames: 0,
         })
     }
 
@@ -147,8 +151,9 @@ impl Net {
                 let _ = r.take(MAX_FRAME as u64).read_to_end(&mut buf);
             }
             if buf.len() > VNET_HDR_LEN {
-                if let Err(e) = self.tap.file.write(&buf) {
-                    tracing::debug!(error = %e, "TAP write dropped a frame");
+                match self.tap.file.write(&buf) {
+                    Ok(_) => self.tx_frames += 1,
+                    Err(e) => tracing::debug!(error = %e, "TAP write dropped a frame"),
                 }
             }
             let _ = a.queues[TX_QUEUE].add_used(&a.mem, head, 0);
@@ -199,6 +204,7 @@ impl Net {
             if let Ok(mut w) = chain.writer(&a.mem) {
                 if w.available_bytes() >= frame.len() && w.write_all(&frame).is_ok() {
                     len = frame.len() as u32;
+                    self.rx_frames += 1;
                 } else {
                     tracing::debug!(
                         frame = frame.len(),
@@ -262,5 +268,11 @@ impl VirtioDevice for Net {
     fn backend_event(&mut self) {
         self.rx_ready = true;
         self.process_rx();
+    }
+    fn stats(&self) -> (&'static str, String) {
+        (
+            "virtio-net",
+            format!("rx_frames={} tx_frames={}", self.rx_frames, self.tx_frames),
+        )
     }
 }

@@ -22,6 +22,8 @@ const MAX_REQUEST: u32 = 64 * 1024;
 pub struct Rng {
     source: Box<dyn Read + Send>,
     active: Option<Active>,
+    requests: u64,
+    bytes: u64,
 }
 
 struct Active {
@@ -40,6 +42,8 @@ impl Rng {
         Self {
             source,
             active: None,
+            requests: 0,
+            bytes: 0,
         }
     }
 
@@ -60,6 +64,7 @@ impl Rng {
                         Ok(n) => {
                             if std::io::Write::write_all(&mut w, &buf[..n]).is_ok() {
                                 len = n as u32;
+                                self.bytes += n as u64;
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "virtio-rng source"),
@@ -70,6 +75,13 @@ impl Rng {
             if a.queue.add_used(&a.mem, head, len).is_err() {
                 tracing::warn!("virtio-rng: cannot add used entry");
             }
+            if self.requests == 0 {
+                tracing::info!(
+                    bytes = len,
+                    "virtio-rng: first request from the guest served"
+                );
+            }
+            self.requests += 1;
             used = true;
         }
         if used {
@@ -112,6 +124,12 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+    fn stats(&self) -> (&'static str, String) {
+        (
+            "virtio-rng",
+            format!("requests={} bytes={}", self.requests, self.bytes),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +154,7 @@ mod tests {
         assert_eq!(test_util::read(&mem, 0x10000, 16), vec![0xab; 16]);
         assert_eq!(test_util::read(&mem, 0x20000, 8), vec![0xab; 8]);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(rng.stats().1, "requests=2 bytes=24");
     }
 
     #[test]

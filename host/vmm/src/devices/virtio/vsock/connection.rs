@@ -64,8 +64,8 @@ pub struct Connection {
     need_response: bool,
     need_rst: bool,
     need_credit_update: bool,
-    need_credit_request: bool,
-    need_shutdown: bool,
+    /// We asked the guest for credit and wait for its update.
+    credit_requested: bool,
 }
 
 impl Connection {
@@ -97,8 +97,7 @@ impl Connection {
             need_response: false,
             need_rst: false,
             need_credit_update: false,
-            need_credit_request: false,
-            need_shutdown: false,
+            credit_requested: false,
         }
     }
 
@@ -248,12 +247,14 @@ impl Connection {
             || self.need_request
             || self.need_response
             || self.need_credit_update
-            || self.need_shutdown
             || (self.state == State::Established && self.want_data())
     }
 
     fn want_data(&self) -> bool {
-        self.readable && !self.host_eof && self.guest_shut & SHUTDOWN_RCV == 0
+        self.readable
+            && !self.host_eof
+            && self.guest_shut & SHUTDOWN_RCV == 0
+            && (self.peer_credit() > 0 || !self.credit_requested)
     }
 
     /// The next packet for the guest, with at most `max_data` payload
@@ -278,15 +279,11 @@ impl Connection {
         if self.state != State::Established {
             return None;
         }
-        if self.need_shutdown {
-            self.need_shutdown = false;
-            return Some((self.header(OP_SHUTDOWN, 0, SHUTDOWN_SEND), Vec::new()));
-        }
         if self.want_data() {
             let credit = self.peer_credit() as usize;
             if credit == 0 {
-                if !self.need_credit_request {
-                    self.need_credit_request = true;
+                if !self.credit_requested {
+                    self.credit_requested = true;
                     return Some((self.header(OP_CREDIT_REQUEST, 0, 0), Vec::new()));
                 }
             } else {
@@ -302,7 +299,7 @@ impl Connection {
                     Ok(n) => {
                         buf.truncate(n);
                         self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-                        self.need_credit_request = false;
+                        self.credit_requested = false;
                         self.last_fwd_cnt_sent = self.fwd_cnt;
                         self.need_credit_update = false;
                         return Some((self.header(OP_RW, n as u32, 0), buf));

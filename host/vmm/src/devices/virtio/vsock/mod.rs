@@ -7,6 +7,9 @@ pub mod muxer;
 pub mod packet;
 pub mod vhost;
 
+#[cfg(test)]
+mod tests;
+
 use std::os::unix::io::RawFd;
 use std::path::Path;
 
@@ -183,5 +186,8 @@ impl VirtioDevice for Vsock {
     fn tick(&mut self) {
         self.muxer.tick();
         self.process_rx();
+    }
+    fn stats(&self) -> (&'static str, String) {
+        ("virtio-vsock", self.muxer.stats())
     }
 }

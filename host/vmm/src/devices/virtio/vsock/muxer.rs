@@ -47,6 +47,9 @@ pub struct Muxer {
     /// RSTs for packets that matched no connection.
     orphan_rx: VecDeque<Header>,
     next_local_port: u32,
+    host_connects: u64,
+    guest_connects: u64,
+    resets_from_guest: u64,
 }
 
 impl Muxer {
@@ -84,11 +87,24 @@ impl Muxer {
             rx_queue: VecDeque::new(),
             orphan_rx: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            host_connects: 0,
+            guest_connects: 0,
+            resets_from_guest: 0,
         })
     }
 
     pub fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+
+    pub fn stats(&self) -> String {
+        format!(
+            "host_connects={} guest_connects={} resets_from_guest={} open={}",
+            self.host_connects,
+            self.guest_connects,
+            self.resets_from_guest,
+            self.conns.len()
+        )
     }
 
     pub fn connection_count(&self) -> usize {
@@ -159,6 +175,9 @@ impl Muxer {
             return;
         }
         let key = (hdr.dst_port, hdr.src_port);
+        if hdr.op == OP_RST {
+            self.resets_from_guest += 1;
+        }
         if let Some(conn) = self.conns.get_mut(&key) {
             let verdict = conn.on_guest_packet(&hdr, &pkt.data);
             match verdict {
@@ -196,6 +215,7 @@ impl Muxer {
             self.orphan_rx.push_back(self.rst_for(hdr));
             return;
         }
+        self.guest_connects += 1;
         let conn = Connection::guest_initiated(stream, hdr, self.guest_cid);
         let key = (conn.local_port, conn.peer_port);
         let fd = conn.stream.as_raw_fd();
@@ -225,8 +245,9 @@ impl Muxer {
             let closed = conn.is_closed();
             if closed {
                 self.remove(key);
-            } else if again {
-                // Round-robin: it goes to the back.
+            } else if again && pkt.is_some() {
+                // Round-robin: it goes to the back. A connection that had
+                // nothing after all waits for its next event instead.
                 self.rx_queue.push_back(key);
             }
             if pkt.is_some() {
@@ -334,6 +355,8 @@ impl Muxer {
         let (stream, _, _) = self.pending.remove(&fd).expect("present");
         match outcome {
             Ok(port) if self.conns.len() < MAX_CONNECTIONS => {
+                self.host_connects += 1;
+                tracing::debug!(port, "vsock: host connection");
                 let local = self.alloc_local_port();
                 let conn = Connection::host_initiated(
                     stream,
@@ -407,6 +430,16 @@ impl Muxer {
         self.by_fd.clear();
         self.rx_queue.clear();
         self.orphan_rx.clear();
+    }
+
+    #[cfg(test)]
+    pub fn expire_connects_for_test(&mut self) {
+        let past = Instant::now() - Duration::from_millis(1);
+        for c in self.conns.values_mut() {
+            if c.connect_deadline.is_some() {
+                c.connect_deadline = Some(past);
+            }
+        }
     }
 
     #[cfg(test)]

@@ -1,0 +1,457 @@
+//! Device-level vsock tests: real descriptor chains in guest memory, real
+//! unix sockets on the host side.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use virtio_queue::Queue;
+
+use super::connection::{State, BUF_ALLOC};
+use super::packet::*;
+use super::Vsock;
+use crate::devices::virtio::test_util::{self, TestQueue};
+use crate::devices::virtio::VirtioDevice;
+
+const GUEST_CID: u64 = 3;
+const RXQ: u64 = 0x1000;
+const TXQ: u64 = 0x4000;
+const EVQ: u64 = 0x7000;
+const RX_BUF: u64 = 0x10_0000;
+const TX_BUF: u64 = 0x20_0000;
+
+struct Rig<'a> {
+    mem: &'a vm_memory::GuestMemoryMmap,
+    dev: Vsock,
+    rx: TestQueue<'a>,
+    tx: TestQueue<'a>,
+    rx_seen: u16,
+    tx_slot: u64,
+    rx_slot: u64,
+    dir: tempfile::TempDir,
+}
+
+impl<'a> Rig<'a> {
+    fn new(mem: &'a vm_memory::GuestMemoryMmap) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Vsock::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+        let mut r = Rig {
+            mem,
+            dev,
+            rx: TestQueue::new(mem, RXQ),
+            tx: TestQueue::new(mem, TXQ),
+            rx_seen: 0,
+            tx_slot: 0,
+            rx_slot: 0,
+            dir,
+        };
+        let ev = TestQueue::new(mem, EVQ);
+        let (irq, _) = test_util::irq();
+        let queues: Vec<Queue> = vec![r.rx.queue(), r.tx.queue(), ev.queue()];
+        r.dev.activate(mem.clone(), irq, queues).unwrap();
+        r
+    }
+
+    fn uds(&self) -> std::path::PathBuf {
+        self.dir.path().join("v.sock")
+    }
+
+    /// Post one 4 KiB RX buffer.
+    fn post_rx(&mut self) {
+        let addr = RX_BUF + self.rx_slot * 0x1000;
+        self.rx_slot = (self.rx_slot + 1) % 16;
+        self.rx.add_chain(&[(addr, 0x1000, true)]);
+        self.dev.queue_notify(0);
+    }
+
+    /// Packets the device put into the RX queue since last time.
+    fn take_rx(&mut self) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        while self.rx_seen != self.rx.used_idx() {
+            let (id, len) = self.rx.used(self.rx_seen % 16);
+            let addr = RX_BUF + u64::from(id) * 0x1000;
+            let bytes = test_util::read(self.mem, addr, len as usize);
+            let hdr = Header::from_bytes(bytes[..HDR_LEN].try_into().unwrap());
+            out.push((hdr, bytes[HDR_LEN..].to_vec()));
+            self.rx_seen += 1;
+        }
+        out
+    }
+
+    /// Send a packet from the guest, laid out as `descs` lengths (header
+    /// and data may share a descriptor or be split anywhere).
+    fn send(&mut self, bytes: &[u8], split: &[usize]) {
+        let mut descs = Vec::new();
+        let mut off = 0;
+        for &len in split.iter().chain(std::iter::once(
+            &(bytes.len() - split.iter().sum::<usize>()),
+        )) {
+            if len == 0 {
+                continue;
+            }
+            let addr = TX_BUF + self.tx_slot * 0x2_0000 + off as u64 * 2;
+            test_util::write(self.mem, addr, &bytes[off..off + len]);
+            descs.push((addr, len as u32, false));
+            off += len;
+        }
+        self.tx_slot = (self.tx_slot + 1) % 8;
+        self.tx.add_chain(&descs);
+        self.dev.queue_notify(1);
+    }
+
+    fn send_pkt(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8]) {
+        let h = guest_hdr(op, src_port, dst_port, data.len() as u32);
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(data);
+        self.send(&bytes, &[]);
+    }
+
+    /// Let the back-end notice host socket activity.
+    fn poll(&mut self) {
+        for _ in 0..20 {
+            self.dev.backend_event();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 0,
+    }
+}
+
+/// Host connects and asks for guest port `port`; returns the stream and
+/// the REQUEST the guest got.
+fn host_connect(rig: &mut Rig, port: u32) -> (UnixStream, Header) {
+    let mut s = UnixStream::connect(rig.uds()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
+    for _ in 0..8 {
+        rig.post_rx();
+    }
+    rig.poll();
+    let pkts = rig.take_rx();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    let req = pkts[0].0;
+    assert_eq!(req.op, OP_REQUEST);
+    assert_eq!(
+        (req.src_cid, req.dst_cid, req.dst_port),
+        (HOST_CID, GUEST_CID, port)
+    );
+    (s, req)
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8];
+    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[test]
+fn host_connect_accepted_then_data_both_ways() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    assert_eq!(read_line(&mut s), format!("OK {}", req.src_port));
+
+    // Host -> guest.
+    s.write_all(b"ping").unwrap();
+    rig.poll();
+    let pkts = rig.take_rx();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].0.op, OP_RW);
+    assert_eq!(pkts[0].1, b"ping");
+    assert_eq!(pkts[0].0.buf_alloc, BUF_ALLOC);
+
+    // Guest -> host, header and data in one descriptor.
+    rig.send_pkt(OP_RW, 1024, req.src_port, b"pong");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+    // Split: header alone, then the data in two pieces.
+    let mut bytes = guest_hdr(OP_RW, 1024, req.src_port, 6).to_bytes().to_vec();
+    bytes.extend_from_slice(b"abcdef");
+    rig.send(&bytes, &[HDR_LEN, 2]);
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"abcdef");
+    // Header itself split across descriptors.
+    let mut bytes = guest_hdr(OP_RW, 1024, req.src_port, 3).to_bytes().to_vec();
+    bytes.extend_from_slice(b"xyz");
+    rig.send(&bytes, &[10, 30]);
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"xyz");
+    // All consumed: the guest is told (credit update with fwd_cnt 13).
+    let ups: Vec<_> = rig
+        .take_rx()
+        .into_iter()
+        .filter(|p| p.0.op == OP_CREDIT_UPDATE)
+        .collect();
+    assert!(!ups.is_empty());
+    assert_eq!(ups.last().unwrap().0.fwd_cnt, 13);
+
+    // Host closes: guest gets SHUTDOWN(SEND); guest closes: RST, removed.
+    drop(s);
+    rig.poll();
+    let pkts = rig.take_rx();
+    assert!(
+        pkts.iter()
+            .any(|p| p.0.op == OP_SHUTDOWN && p.0.flags == SHUTDOWN_SEND),
+        "{pkts:?}"
+    );
+    let mut sd = guest_hdr(OP_SHUTDOWN, 1024, req.src_port, 0);
+    sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    rig.send(&sd.to_bytes(), &[]);
+    let pkts = rig.take_rx();
+    assert!(pkts.iter().any(|p| p.0.op == OP_RST), "{pkts:?}");
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn host_connect_refused_by_guest_closes_stream() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 4000);
+    rig.send_pkt(OP_RST, 4000, req.src_port, &[]);
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "EOF, no OK line");
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn bad_connect_lines_are_closed() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    for line in ["HELLO 5\n", "CONNECT x\n", "CONNECT 99999999999\n"] {
+        let mut s = UnixStream::connect(rig.uds()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        rig.poll();
+        let mut buf = [0u8; 4];
+        assert_eq!(s.read(&mut buf).unwrap(), 0, "{line:?} closed");
+    }
+    let mut s = UnixStream::connect(rig.uds()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(&[b'A'; 64]).unwrap();
+    rig.poll();
+    let mut buf = [0u8; 4];
+    // Closed with unread bytes: EOF or a reset, never data.
+    match s.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "over-long line closed"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    post_and_expect_nothing(&mut rig);
+}
+
+fn post_and_expect_nothing(rig: &mut Rig) {
+    rig.post_rx();
+    rig.poll();
+    assert!(rig.take_rx().is_empty());
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn guest_connect_to_host_listener_and_refused() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    for _ in 0..4 {
+        rig.post_rx();
+    }
+    let listener = UnixListener::bind(format!("{}_5000", rig.uds().display())).unwrap();
+    rig.send_pkt(OP_REQUEST, 777, 5000, &[]);
+    let (mut s, _) = listener.accept().unwrap();
+    let pkts = rig.take_rx();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].0.op, OP_RESPONSE);
+    assert_eq!((pkts[0].0.src_port, pkts[0].0.dst_port), (5000, 777));
+    rig.send_pkt(OP_RW, 777, 5000, b"hi host");
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hi host");
+    s.write_all(b"hi guest").unwrap();
+    rig.poll();
+    let pkts = rig.take_rx();
+    assert!(
+        pkts.iter().any(|p| p.0.op == OP_RW && p.1 == b"hi guest"),
+        "{pkts:?}"
+    );
+
+    // Nobody listens on port 5001: RST.
+    rig.send_pkt(OP_REQUEST, 778, 5001, &[]);
+    let pkts = rig.take_rx();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].0.op, OP_RST);
+    assert_eq!(pkts[0].0.dst_port, 778);
+}
+
+#[test]
+fn malformed_and_unknown_packets() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    for _ in 0..8 {
+        rig.post_rx();
+    }
+    // Shorter than a header: dropped, no reply.
+    rig.send(&[0u8; 20], &[]);
+    assert!(rig.take_rx().is_empty());
+    // Length beyond the chain: dropped.
+    let mut bytes = guest_hdr(OP_RW, 1, 2, 100).to_bytes().to_vec();
+    bytes.extend_from_slice(b"short");
+    rig.send(&bytes, &[]);
+    assert!(rig.take_rx().is_empty());
+    // Absurd length: dropped.
+    rig.send(&guest_hdr(OP_RW, 1, 2, u32::MAX).to_bytes(), &[]);
+    assert!(rig.take_rx().is_empty());
+    // Wrong source CID (spoofing): dropped.
+    let mut h = guest_hdr(OP_REQUEST, 1, 2, 0);
+    h.src_cid = 99;
+    rig.send(&h.to_bytes(), &[]);
+    assert!(rig.take_rx().is_empty());
+    // Unknown op on no connection: RST.
+    rig.send(&guest_hdr(42, 10, 20, 0).to_bytes(), &[]);
+    let p = rig.take_rx();
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        (p[0].0.op, p[0].0.src_port, p[0].0.dst_port),
+        (OP_RST, 20, 10)
+    );
+    // Unsupported socket type (SEQPACKET = 2): RST.
+    let mut h = guest_hdr(OP_REQUEST, 11, 21, 0);
+    h.type_ = 2;
+    rig.send(&h.to_bytes(), &[]);
+    assert_eq!(rig.take_rx()[0].0.op, OP_RST);
+    // RST for nothing: ignored (never answer a RST with a RST).
+    rig.send(&guest_hdr(OP_RST, 12, 22, 0).to_bytes(), &[]);
+    assert!(rig.take_rx().is_empty());
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn unknown_op_on_established_connection_resets_it() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    rig.send(&guest_hdr(99, 1024, req.src_port, 0).to_bytes(), &[]);
+    let p = rig.take_rx();
+    assert!(p.iter().any(|p| p.0.op == OP_RST), "{p:?}");
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "host stream closed");
+}
+
+#[test]
+fn guest_credit_limits_host_to_guest_data() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    // The guest accepts with only 10 bytes of buffer.
+    let mut resp = guest_hdr(OP_RESPONSE, 1024, req.src_port, 0);
+    resp.buf_alloc = 10;
+    rig.send(&resp.to_bytes(), &[]);
+    read_line(&mut s);
+    s.write_all(b"0123456789ABCDEF").unwrap();
+    rig.poll();
+    let p = rig.take_rx();
+    let data: Vec<u8> = p
+        .iter()
+        .filter(|p| p.0.op == OP_RW)
+        .flat_map(|p| p.1.clone())
+        .collect();
+    assert_eq!(data, b"0123456789", "only the credit's worth");
+    assert!(p.iter().any(|p| p.0.op == OP_CREDIT_REQUEST), "{p:?}");
+    // Guest consumed everything: credit update frees the rest.
+    let mut up = guest_hdr(OP_CREDIT_UPDATE, 1024, req.src_port, 0);
+    up.buf_alloc = 10;
+    up.fwd_cnt = 10;
+    rig.send(&up.to_bytes(), &[]);
+    rig.poll();
+    let p = rig.take_rx();
+    let data: Vec<u8> = p
+        .iter()
+        .filter(|p| p.0.op == OP_RW)
+        .flat_map(|p| p.1.clone())
+        .collect();
+    assert_eq!(data, b"ABCDEF");
+}
+
+#[test]
+fn guest_exceeding_our_credit_is_reset() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    // Host never reads: fill the socket buffer and then our buffer.
+    let chunk = vec![7u8; 60 * 1024];
+    let mut sent = 0usize;
+    let mut reset = false;
+    while sent < 8 << 20 {
+        rig.send_pkt(OP_RW, 1024, req.src_port, &chunk);
+        sent += chunk.len();
+        let pkts = rig.take_rx();
+        if pkts.iter().any(|p| p.0.op == OP_RST) {
+            reset = true;
+            break;
+        }
+        // Give back as many RX buffers as were used.
+        for _ in 0..pkts.len() {
+            rig.post_rx();
+        }
+    }
+    assert!(reset, "a guest ignoring credit gets reset");
+    assert!(
+        sent as u64 > u64::from(BUF_ALLOC),
+        "not before the credit ran out"
+    );
+}
+
+#[test]
+fn host_connect_times_out_when_guest_never_answers() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    assert_eq!(
+        rig.dev.muxer().state_of(req.src_port, 1024),
+        Some(State::Connecting)
+    );
+    // Pretend the deadline passed.
+    rig.dev.muxer.expire_connects_for_test();
+    rig.dev.tick();
+    let p = rig.take_rx();
+    assert!(
+        p.iter().any(|p| p.0.op == OP_RST),
+        "guest told to forget it: {p:?}"
+    );
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).unwrap(), 0);
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn device_reset_drops_connections() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    rig.dev.reset();
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).unwrap(), 0);
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
