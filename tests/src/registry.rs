@@ -197,7 +197,7 @@ impl Registry {
         Ok(())
     }
 
-    /// HTTP client preconfigured with this registry's credentials.
+    /// `(user, password)` if the registry was started with htpasswd auth.
     pub fn basic_auth(&self) -> Option<(&str, &str)> {
         self.credentials
             .as_ref()

@@ -182,9 +182,29 @@ fn main() -> Result<()> {
         compressed as f64 / 1e6
     );
 
-    // vmpod: fresh store per run (cold content store, same as containerd below).
+    // containerd, same registry, same image, same disk.
+    let mut containerd_note = String::new();
+    let have_containerd = Command::new("containerd").arg("--version").output().is_ok()
+        && Command::new("ctr").arg("--version").output().is_ok();
+    let mut cd = None;
+    if !have_containerd {
+        containerd_note = "containerd/ctr not installed".into();
+    } else if !nix_is_root() {
+        containerd_note = "containerd needs root here".into();
+    } else {
+        let cdir = base.path().join("containerd");
+        std::fs::create_dir_all(&cdir)?;
+        match start_containerd(&cdir) {
+            Ok(c) => cd = Some(c),
+            Err(e) => containerd_note = format!("containerd failed to start: {e:#}"),
+        }
+    }
+
+    // Runs alternate between the two, so background load hits both alike.
     let mut ours = Vec::new();
+    let mut theirs = Vec::new();
     for i in 0..runs {
+        // vmpod: a fresh, empty store each run.
         let root = base.path().join(format!("vmpod-{i}"));
         let store = ImageStore::open(&root, RegistryConfig::default())?;
         let t = Instant::now();
@@ -195,49 +215,34 @@ fn main() -> Result<()> {
         ours.push(ms);
         drop(store);
         std::fs::remove_dir_all(&root)?;
-    }
 
-    // containerd, same registry, same image, same disk.
-    let mut theirs = Vec::new();
-    let mut containerd_note = String::new();
-    let have_containerd = Command::new("containerd").arg("--version").output().is_ok()
-        && Command::new("ctr").arg("--version").output().is_ok();
-    if !have_containerd {
-        containerd_note = "containerd/ctr not installed".into();
-    } else if !nix_is_root() {
-        containerd_note = "containerd needs root here".into();
-    } else {
-        let cdir = base.path().join("containerd");
-        std::fs::create_dir_all(&cdir)?;
-        match start_containerd(&cdir) {
-            Ok(c) => {
-                for i in 0..runs {
-                    let t = Instant::now();
-                    ctr(&c, &["images", "pull", "--plain-http", &reference])?;
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    eprintln!("containerd run {}: {ms:.0} ms", i + 1);
-                    theirs.push(ms);
-                    // Back to a cold store: remove image, GC content and snapshots.
-                    ctr(&c, &["images", "rm", "--sync", &reference])?;
-                    let left = ctr(&c, &["content", "ls", "-q"])?;
-                    anyhow::ensure!(left.trim().is_empty(), "containerd kept content: {left}");
-                }
-            }
-            Err(e) => containerd_note = format!("containerd failed to start: {e:#}"),
+        if let Some(c) = &cd {
+            let t = Instant::now();
+            ctr(c, &["images", "pull", "--plain-http", &reference])?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            eprintln!("containerd run {}: {ms:.0} ms", i + 1);
+            theirs.push(ms);
+            // Back to an empty store: remove the image, GC content and snapshots.
+            ctr(c, &["images", "rm", "--sync", &reference])?;
+            let left = ctr(c, &["content", "ls", "-q"])?;
+            anyhow::ensure!(left.trim().is_empty(), "containerd kept content: {left}");
         }
     }
+    drop(cd);
 
     let machine = json!({
         "uname": sh("uname -a"),
         "nproc": sh("nproc"),
         "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
         "containerd": sh("containerd --version"),
+        "loadavg": sh("cat /proc/loadavg"),
     });
     let ours_s = stats(&ours);
     let theirs_s = (!theirs.is_empty()).then(|| stats(&theirs));
     let ratio = theirs_s.as_ref().map(|t| {
-        round(ours_s["median_ms"].as_f64().unwrap() / t["median_ms"].as_f64().unwrap() * 100.0)
-            / 100.0
+        let r =
+            ours_s["median_ms"].as_f64().unwrap_or(0.0) / t["median_ms"].as_f64().unwrap_or(1.0);
+        (r * 1000.0).round() / 1000.0
     });
     let result = json!({
         "bench": "images",
