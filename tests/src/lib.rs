@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+pub mod agent_vm;
 pub mod cri_client;
 pub mod oci_image;
 pub mod registry;

@@ -7,130 +7,32 @@
 //!
 //! Needs `make guest tools` (kernel, initramfs, vhost-device-vsock).
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmpod_runtime::agent_client::{AgentClient, ExecSpec, OutputStream, AGENT_VSOCK_PORT};
-use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
-use vmpod_runtime::hypervisor::{VmConfig, VmHandle};
+use vmpod_runtime::agent_client::{AgentClient, ExecSpec, OutputStream};
+use vmpod_tests::agent_vm::{self, AgentVm, BUSYBOX_ROOTFS as ROOTFS};
 
-const ROOTFS: &str = "/containers/busybox";
+static FIXTURE: OnceLock<Result<AgentVm, String>> = OnceLock::new();
 
-struct Fixture {
-    rt: tokio::runtime::Runtime,
-    client: AgentClient,
-    _vm: Box<dyn VmHandle>,
-    console: PathBuf,
+struct Shared<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: &'a AgentClient,
 }
 
-static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
-
-fn artifacts() -> (PathBuf, PathBuf) {
-    let g = vmpod_tests::build_dir().join("guest");
-    (g.join("vmlinux"), g.join("initramfs-test.cpio.gz"))
-}
-
-fn boot() -> Result<Fixture, String> {
-    let (kernel, initrd) = artifacts();
-    for p in [&kernel, &initrd] {
-        if !p.exists() {
-            return Err(format!("{} missing: run `make guest` first", p.display()));
-        }
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    // A fixed directory (recreated per run) keeps the console log for
-    // post-mortems; the VM lives as long as the test process.
-    let dir = vmpod_tests::repo_root().join("target/agent-e2e");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    eprintln!("agent e2e VM files in {}", dir.display());
-    let console = dir.join("console.log");
-    let config = VmConfig {
-        kernel,
-        initrd: Some(initrd),
-        cmdline: "console=ttyS0 reboot=t panic=-1 quiet".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        vsock_uds: dir.join("vsock"),
-        guest_cid: 3,
-        console_log: console.clone(),
-        disks: vec![],
-        nets: vec![],
-        shared_dirs: vec![],
-        rng: true,
-    };
-    // Start from a runtime worker thread: the VM's processes die with the
-    // thread that spawned them (die_with_parent), and test threads come and go.
-    let console2 = console.clone();
-    let booted = rt.block_on(async move {
-        tokio::spawn(async move {
-            let hv = QemuHypervisor::discover(Accel::Auto)
-                .map_err(|e| e.to_string())?
-                .die_with_parent(true);
-            let t = Instant::now();
-            let vm = hv.start_vm(&config).await.map_err(|e| e.to_string())?;
-            let vm: Box<dyn VmHandle> = Box::new(vm);
-            let client = AgentClient::connect_retry(
-                vm.vsock_uds(),
-                AGENT_VSOCK_PORT,
-                Duration::from_secs(90),
-            )
-            .await
-            .map_err(|e| {
-                let log = std::fs::read_to_string(&console2).unwrap_or_default();
-                format!("{e}\nconsole:\n{log}")
-            })?;
-            eprintln!("agent ready {:?} after VM start", t.elapsed());
-            client.sync_time().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((vm, client.with_timeout(Duration::from_secs(60))))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    });
-    let (vm, client) = booted?;
-    Ok(Fixture {
-        rt,
-        client,
-        _vm: vm,
-        console,
-    })
-}
-
-fn fixture() -> &'static Fixture {
-    match FIXTURE.get_or_init(boot) {
-        Ok(f) => f,
+fn fixture() -> Shared<'static> {
+    match FIXTURE.get_or_init(|| agent_vm::boot("agent-e2e")) {
+        Ok(f) => Shared {
+            rt: &f.rt,
+            client: &f.client,
+        },
         Err(e) => panic!("booting the agent VM failed: {e}"),
     }
 }
 
 fn spec(args: &[&str]) -> serde_json::Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "noNewPrivileges": true,
-            "capabilities": {
-                "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
-                "effective": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
-                "permitted": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
-            }
-        },
-        "root": {"path": ROOTFS},
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}],
-            "maskedPaths": ["/proc/kcore"],
-            "readonlyPaths": ["/proc/sys"]
-        }
-    })
+    agent_vm::busybox_spec(args)
 }
 
 fn bytes(v: &serde_json::Value) -> Vec<u8> {
@@ -189,7 +91,7 @@ fn echo_output_and_exit_code() {
             "-c",
             "echo hello from the guest; echo oops >&2; exit 3",
         ]);
-        let (out, err, st) = run(&f.client, "echo", &s).await;
+        let (out, err, st) = run(f.client, "echo", &s).await;
         assert_eq!(out, "hello from the guest\n");
         assert_eq!(err, "oops\n");
         assert_eq!((st.exit_code, st.signal, st.oom_killed), (3, 0, false));
@@ -205,7 +107,7 @@ fn large_output_is_not_lost() {
     f.rt.block_on(async {
         // 2 MiB through the 1 MiB agent buffer and 64 KiB chunks.
         let s = spec(&["sh", "-c", "head -c 2097152 /dev/zero | tr '\\0' x"]);
-        let (out, _, st) = run(&f.client, "bigout", &s).await;
+        let (out, _, st) = run(f.client, "bigout", &s).await;
         assert_eq!(st.exit_code, 0);
         assert_eq!(out.len(), 2 << 20);
         assert!(out.bytes().all(|b| b == b'x'));
@@ -343,7 +245,7 @@ fn pid_namespace_and_hostname() {
     f.rt.block_on(async {
         let mut s = spec(&["sh", "-c", "echo $$; hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'"]);
         s["hostname"] = json!("ctr-host");
-        let (out, err, st) = run(&f.client, "pidns", &s).await;
+        let (out, err, st) = run(f.client, "pidns", &s).await;
         assert_eq!(st.exit_code, 0, "{err}");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "1", "the container's process is PID 1: {out}");
@@ -458,7 +360,6 @@ fn bad_specs_are_clear_errors_and_agent_keeps_serving() {
         c.check().await.unwrap();
         let (out, _, st) = run(c, "after-bad", &spec(&["echo", "still serving"])).await;
         assert_eq!((out.as_str(), st.exit_code), ("still serving\n", 0));
-        let _ = &f.console;
     });
 }
 
@@ -480,7 +381,7 @@ fn isolation_settings_applied() {
             "defaultAction": "SCMP_ACT_ALLOW",
             "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
         });
-        let (out, err, st) = run(&f.client, "isolated", &s).await;
+        let (out, err, st) = run(f.client, "isolated", &s).await;
         assert_eq!(st.exit_code, 0, "{out}\n{err}");
         let has = |needle: &str| out.lines().any(|l| l.replace('\t', " ").trim() == needle);
         // Bounding set = CAP_CHOWN(0) CAP_KILL(5) CAP_SETGID(6) CAP_SETUID(7)

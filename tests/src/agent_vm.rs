@@ -1,0 +1,119 @@
+//! A booted agent microVM for end-to-end tests: the QEMU backend (TCG where
+//! KVM cannot run guest userspace), `build/guest/vmlinux` and the test
+//! initramfs (busybox container rootfs at `/containers/busybox`), plus a
+//! connected agent client.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vmpod_runtime::agent_client::{AgentClient, AGENT_VSOCK_PORT};
+use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
+use vmpod_runtime::hypervisor::{VmConfig, VmHandle};
+
+/// The busybox container rootfs inside the test initramfs.
+pub const BUSYBOX_ROOTFS: &str = "/containers/busybox";
+
+pub struct AgentVm {
+    /// Runtime the VM was started on and the client lives on.
+    pub rt: tokio::runtime::Runtime,
+    pub client: AgentClient,
+    pub vm: Option<Box<dyn VmHandle>>,
+    pub console: PathBuf,
+}
+
+/// Boot a VM whose files live in `target/<name>` (recreated; the console
+/// log stays there for post-mortems). The VM's processes are started from a
+/// runtime worker thread and die with the test process.
+pub fn boot(name: &str) -> Result<AgentVm, String> {
+    let g = crate::build_dir().join("guest");
+    let (kernel, initrd) = (g.join("vmlinux"), g.join("initramfs-test.cpio.gz"));
+    for p in [&kernel, &initrd] {
+        if !p.exists() {
+            return Err(format!("{} missing: run `make guest` first", p.display()));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let dir = crate::repo_root().join("target").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    eprintln!("{name}: VM files in {}", dir.display());
+    let console = dir.join("console.log");
+    let config = VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 reboot=t panic=-1 quiet".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        vsock_uds: dir.join("vsock"),
+        guest_cid: 3,
+        console_log: console.clone(),
+        disks: vec![],
+        nets: vec![],
+        shared_dirs: vec![],
+        rng: true,
+    };
+    let console2 = console.clone();
+    let booted = rt.block_on(async move {
+        // die_with_parent ties QEMU to the spawning thread: use a worker.
+        tokio::spawn(async move {
+            let hv = QemuHypervisor::discover(Accel::Auto)
+                .map_err(|e| e.to_string())?
+                .die_with_parent(true);
+            let t = Instant::now();
+            let vm = hv.start_vm(&config).await.map_err(|e| e.to_string())?;
+            let vm: Box<dyn VmHandle> = Box::new(vm);
+            let client = AgentClient::connect_retry(
+                vm.vsock_uds(),
+                AGENT_VSOCK_PORT,
+                Duration::from_secs(90),
+            )
+            .await
+            .map_err(|e| {
+                let log = std::fs::read_to_string(&console2).unwrap_or_default();
+                format!("{e}\nconsole:\n{log}")
+            })?;
+            eprintln!("agent ready {:?} after VM start", t.elapsed());
+            client.sync_time().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((vm, client.with_timeout(Duration::from_secs(60))))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    });
+    let (vm, client) = booted?;
+    Ok(AgentVm {
+        rt,
+        client,
+        vm: Some(vm),
+        console,
+    })
+}
+
+/// A minimal OCI spec running `args` in the busybox rootfs, with a small
+/// capability set and the usual masked/read-only paths.
+pub fn busybox_spec(args: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "noNewPrivileges": true,
+            "capabilities": {
+                "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
+            }
+        },
+        "root": {"path": BUSYBOX_ROOTFS},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
