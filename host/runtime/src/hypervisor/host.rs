@@ -8,8 +8,11 @@ use std::path::Path;
 /// kernel mode runs in KVM's instruction emulator, which lacks these CPU
 /// features, and our kernel patch's switch skips the `int3` self-test.
 /// (PVM returns host CPUID whatever the VMM sets, so masking happens here.)
+/// `no_fwait` (our patch 0002) keeps kernel-thread exit from running `fwait`,
+/// which the emulator lacks; `tsc=reliable` keeps the clocksource watchdog
+/// (whose thread would exit) from running at all.
 pub const PVM_GUEST_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,xsave,avx,fsgsbase,pcid,\
-invpcid,rdrand,rdseed,rdpid,rdtscp,smap mitigations=off no_int3_selftest";
+invpcid,rdrand,rdseed,rdpid,rdtscp,smap mitigations=off no_int3_selftest no_fwait tsc=reliable";
 
 /// The flavour of `/dev/kvm` on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]

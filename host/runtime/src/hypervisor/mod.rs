@@ -28,6 +28,7 @@ pub mod console;
 pub mod host;
 mod process;
 pub mod qemu;
+pub mod select;
 pub mod tools;
 mod validate;
 
