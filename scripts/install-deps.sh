@@ -10,6 +10,8 @@ PKGS=(
   linux-source-6.1 flex bison bc libelf-dev libssl-dev
   # VMs: QEMU backend, test guests
   qemu-system-x86 busybox-static iproute2
+  # built-in VMM probes: ping the guest over virtio-net/TAP
+  iputils-ping
   # virtiofsd build
   libcap-ng-dev libseccomp-dev
   # tests: local OCI registry, CNI plugins

@@ -61,7 +61,7 @@ impl ExitSignal {
     pub fn request_reset(&self) {
         let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.request(match panic {
-            Some(msg) => ExitReason::Crashed(format!("kernel panic: {msg}")),
+            Some(msg) => ExitReason::Crashed(format!("Kernel panic - not syncing: {msg}")),
             None => ExitReason::Reboot,
         });
     }

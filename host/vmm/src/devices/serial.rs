@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 
 use super::bus::BusDevice;
 use super::{ExitSignal, IrqLine};
+use vmpod_runtime::hypervisor::ExitReason;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -17,6 +18,9 @@ pub const PORT_LEN: u64 = 8;
 
 const PANIC_MARK: &str = "Kernel panic - not syncing: ";
 const PANIC_END_MARK: &str = "---[ end Kernel panic - not syncing: ";
+/// What the kernel prints when asked to power off or halt (`reboot: `
+/// prefix) just before it stops all CPUs.
+const POWER_OFF_MARKS: &[&str] = &["reboot: Power down", "reboot: System halted"];
 /// Longest console line we keep for panic detection.
 const MAX_LINE: usize = 1024;
 
@@ -57,6 +61,9 @@ impl<W: Write> ConsoleSink<W> {
             self.exit.request_reset();
         } else if let Some(i) = line.find(PANIC_MARK) {
             self.exit.note_panic(line[i + PANIC_MARK.len()..].trim());
+        } else if POWER_OFF_MARKS.iter().any(|m| line.contains(m)) {
+            // No ACPI in a microVM: after this the kernel halts forever.
+            self.exit.request(ExitReason::PowerOff);
         }
         self.line.clear();
     }
@@ -121,7 +128,6 @@ impl<W: Write + Send> BusDevice for SerialDevice<W> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use vmpod_runtime::hypervisor::ExitReason;
 
     #[derive(Default)]
     struct Count(AtomicUsize);
@@ -201,9 +207,16 @@ mod tests {
         assert_eq!(
             exit.reason(),
             Some(ExitReason::Crashed(
-                "kernel panic: VFS: Unable to mount root fs".into()
+                "Kernel panic - not syncing: VFS: Unable to mount root fs".into()
             ))
         );
+    }
+
+    #[test]
+    fn power_off_line_ends_the_vm_cleanly() {
+        let (mut d, _, exit) = dev();
+        put(&mut d, "[    2.5] reboot: Power down\r\n");
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
     }
 
     #[test]
@@ -216,7 +229,7 @@ mod tests {
         assert_eq!(
             exit.reason(),
             Some(ExitReason::Crashed(
-                "kernel panic: Attempted to kill init!".into()
+                "Kernel panic - not syncing: Attempted to kill init!".into()
             ))
         );
     }
