@@ -484,3 +484,137 @@ async fn images_survive_a_daemon_restart() {
     let s = c.image_status(&name, true).await.unwrap();
     assert!(s.image.is_some() && s.info.contains_key("info"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uid_and_username_come_from_the_image_user() {
+    require_registry!();
+    let reg = Registry::start().unwrap();
+    let layer = Layer::busybox(Compression::Gzip).unwrap();
+    let p = Pusher::new(&reg.addr(), None);
+    for (tag, user) in [
+        ("uid", "1002"),
+        ("name", "www-data"),
+        ("uidgroup", "1003:users"),
+        ("namegroup", "www-data:www-data"),
+        ("none", ""),
+    ] {
+        let img = ImageBuilder::new().layer(layer.clone()).user(user).build();
+        p.push_image("test/user", Some(tag), &img).await.unwrap();
+    }
+    let (_d, mut c) = daemon().await;
+    for (tag, uid, name) in [
+        ("uid", Some(1002), ""),
+        ("name", None, "www-data"),
+        ("uidgroup", Some(1003), ""),
+        ("namegroup", None, "www-data"),
+        ("none", None, ""),
+    ] {
+        let image = format!("{}/test/user:{tag}", reg.addr());
+        c.pull(&image, None).await.unwrap();
+        let i = c.image_status(&image, false).await.unwrap().image.unwrap();
+        assert_eq!(i.uid.map(|u| u.value), uid, "{tag}");
+        assert_eq!(i.username, name, "{tag}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_registry_is_unavailable() {
+    let port = registry::free_port().unwrap();
+    let (_d, mut c) = daemon().await;
+    let e = c
+        .pull(&format!("127.0.0.1:{port}/test/busybox:v1"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(c.list(None).await.unwrap().is_empty());
+}
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_pull_keeps_earlier_images_and_lists_no_half_image() {
+    require_registry!();
+    let (reg, small) = registry_with_busybox().await;
+    let big = ImageBuilder::new()
+        .layer(Layer::busybox(Compression::Gzip).unwrap())
+        .layer(Layer::new(
+            &[oci_image::Entry::File(
+                "big-a".into(),
+                noise(32 << 20, 7),
+                0o644,
+            )],
+            Compression::None,
+        ))
+        .layer(Layer::new(
+            &[oci_image::Entry::File(
+                "big-b".into(),
+                noise(32 << 20, 11),
+                0o644,
+            )],
+            Compression::None,
+        ))
+        .build();
+    Pusher::new(&reg.addr(), None)
+        .push_image("test/big", Some("v1"), &big)
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let small_name = format!("{}/test/busybox:v1", reg.addr());
+    let big_name = format!("{}/test/big:v1", reg.addr());
+    {
+        let mut d = Daemon::start_in(tmp.path(), "").unwrap();
+        let mut c = d.client().await.unwrap();
+        c.pull(&small_name, None).await.unwrap();
+        let before = reg.blob_gets(&big.layers[1].digest);
+        let pull = {
+            let mut c = c.clone();
+            let big_name = big_name.clone();
+            tokio::spawn(async move { c.pull(&big_name, None).await })
+        };
+        // Kill -9 once the big layer is being fetched (or the pull ended).
+        while reg.blob_gets(&big.layers[1].digest) == before && !pull.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(d.pid().unwrap() as libc::pid_t, libc::SIGKILL) };
+        let _ = d.stop();
+        let _ = pull.await;
+    }
+    let d = Daemon::start_in(tmp.path(), "").unwrap();
+    let mut c = d.client().await.unwrap();
+    let list = c.list(None).await.unwrap();
+    assert!(list.iter().any(|i| i.id == small.config_digest), "{list:?}");
+    // The big image is either absent or complete: never listed half-pulled.
+    let after = c.image_status(&big_name, true).await.unwrap().image;
+    eprintln!(
+        "big image after SIGKILL mid-pull: {}",
+        if after.is_some() {
+            "complete"
+        } else {
+            "absent"
+        }
+    );
+    if let Some(s) = after {
+        assert_eq!(s.id, big.config_digest);
+        let info: serde_json::Value =
+            serde_json::from_str(&c.image_status(&big_name, true).await.unwrap().info["info"])
+                .unwrap();
+        let dirs = info["layerDirs"].as_array().unwrap();
+        assert_eq!(dirs.len(), 3);
+        let top = std::path::Path::new(dirs[2].as_str().unwrap()).join("big-b");
+        assert_eq!(std::fs::metadata(top).unwrap().len(), 32 << 20);
+    }
+    // And pulling it again works.
+    assert_eq!(c.pull(&big_name, None).await.unwrap(), big.config_digest);
+}
