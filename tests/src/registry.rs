@@ -236,6 +236,7 @@ impl Drop for Registry {
 /// HEAD, which is all a pull needs) to the backend unchanged.
 pub struct BearerProxy {
     port: u16,
+    token: String,
     task: tokio::task::JoinHandle<()>,
     /// Token requests seen (`(scope, service)` query strings).
     pub token_requests: Arc<Mutex<Vec<String>>>,
@@ -255,7 +256,7 @@ impl BearerProxy {
         let st = Arc::new(ProxyState {
             backend: backend.to_string(),
             realm: format!("http://127.0.0.1:{port}/token"),
-            token,
+            token: token.clone(),
             basic,
             token_requests: token_requests.clone(),
         });
@@ -272,6 +273,7 @@ impl BearerProxy {
         });
         Ok(BearerProxy {
             port,
+            token,
             task,
             token_requests,
         })
@@ -279,6 +281,11 @@ impl BearerProxy {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The token the realm hands out (to test ready-made registry tokens).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 }
 
