@@ -506,3 +506,49 @@ fn sandbox_setup() {
         assert_eq!(e.code(), Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT), "{e}");
     });
 }
+
+#[test]
+fn pod_shared_pid_and_ipc_namespaces() {
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        // The first container owns the namespaces; the second joins them by
+        // path, as a pod's containers share the sandbox's.
+        let owner = c
+            .create_container(
+                "ns-owner",
+                bytes(&spec(&["sleep", "1000"])),
+                "",
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+        c.start_container("ns-owner").await.unwrap();
+        let mut s = spec(&["sh", "-c", "ps -o pid,args; hostname"]);
+        s["hostname"] = json!("joiner");
+        s["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": format!("/proc/{owner}/ns/pid")},
+            {"type": "ipc", "path": format!("/proc/{owner}/ns/ipc")},
+            {"type": "uts"},
+            {"type": "mount"}
+        ]);
+        let (out, err, st) = run(c, "ns-joiner", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        assert!(
+            out.lines().any(|l| l.trim() == "1 sleep 1000"),
+            "joiner sees the owner's PID 1: {out}"
+        );
+        assert!(out.lines().any(|l| l.trim() == "joiner"), "{out}");
+        c.remove_container("ns-owner").await.unwrap();
+
+        let mut s = spec(&["true"]);
+        s["linux"]["namespaces"] =
+            json!([{"type": "pid", "path": "/proc/999999/ns/pid"}, {"type": "mount"}]);
+        let e = c
+            .create_container("ns-bad", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("/proc/999999/ns/pid"), "{e}");
+    });
+}

@@ -40,6 +40,8 @@ pub struct RootfsConfig {
     pub new_cgroupns: bool,
     /// /dev is a fresh tmpfs: populate the default device nodes.
     pub populate_dev: bool,
+    /// Existing namespaces (ipc/uts/cgroup files) to join first.
+    pub join_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

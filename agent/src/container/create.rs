@@ -54,7 +54,7 @@ fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Contain
     if let Some(u) = req.username.filter(|u| !u.is_empty()) {
         stage.process.user.username = Some(u);
     }
-    let flags = spec::clone_flags(&oci).map_err(bad)?;
+    let ns = spec::namespaces(&oci).map_err(bad)?;
     let writes = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
         Some(r) => spec::cgroup_writes(r).map_err(bad)?,
         None => Vec::new(),
@@ -75,14 +75,26 @@ fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Contain
         .create(cgfs, &writes)
         .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: {e}")))?;
     let init_process = stage.process.clone();
+    let pid_ns = match &ns.pid_path {
+        Some(p) => match std::fs::File::open(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let _ = cgroup.destroy(cgfs);
+                return Err(AgentError::InvalidArgument(format!(
+                    "container {id:?}: PID namespace {p}: {e}"
+                )));
+            }
+        },
+        None => None,
+    };
     let launched = launch(
         agent,
         Launch {
             config: stage,
-            clone_flags: flags,
+            clone_flags: ns.clone_flags,
             stdin: req.stdin,
             cgroup: &cgroup,
-            pid_ns: None,
+            pid_ns,
             what: format!("container {id:?}"),
         },
     );

@@ -36,21 +36,32 @@ pub enum SpecError {
     Unsupported(String),
 }
 
-/// Namespaces a container's init is cloned into (`CLONE_NEW*` flags).
-pub fn clone_flags(spec: &Spec) -> Result<i32, SpecError> {
+/// How a container's init gets its namespaces.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NsPlan {
+    /// `CLONE_NEW*` flags for the clone.
+    pub clone_flags: i32,
+    /// Existing PID namespace (by path) the init is cloned into.
+    pub pid_path: Option<String>,
+    /// Existing ipc/uts/cgroup namespaces (by path) the child joins.
+    pub join_paths: Vec<String>,
+}
+
+/// Namespaces: listed without a path → new; with a path → join (pod-shared
+/// namespaces); not listed → the VM's (the pod's). The network namespace is
+/// always the VM's; a container always gets its own mount namespace.
+pub fn namespaces(spec: &Spec) -> Result<NsPlan, SpecError> {
     let default = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     let Some(nss) = spec.linux().as_ref().and_then(|l| l.namespaces().clone()) else {
-        return Ok(default);
+        return Ok(NsPlan {
+            clone_flags: default,
+            ..Default::default()
+        });
     };
-    let mut flags = 0;
+    let mut plan = NsPlan::default();
     for ns in nss {
-        if ns.path().is_some() && ns.typ() != LinuxNamespaceType::Network {
-            return Err(SpecError::Unsupported(format!(
-                "joining an existing {} namespace by path",
-                ns.typ()
-            )));
-        }
-        flags |= match ns.typ() {
+        let path = ns.path().as_ref().map(|p| p.to_string_lossy().into_owned());
+        let flag = match ns.typ() {
             LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
             LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
             LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
@@ -59,7 +70,7 @@ pub fn clone_flags(spec: &Spec) -> Result<i32, SpecError> {
             // its cgroup (see RootfsConfig::new_cgroupns).
             LinuxNamespaceType::Cgroup => 0,
             // The pod shares the VM's network namespace.
-            LinuxNamespaceType::Network => 0,
+            LinuxNamespaceType::Network => continue,
             LinuxNamespaceType::User => {
                 return Err(SpecError::Unsupported("user namespaces".into()))
             }
@@ -67,15 +78,34 @@ pub fn clone_flags(spec: &Spec) -> Result<i32, SpecError> {
                 return Err(SpecError::Unsupported("time namespaces".into()))
             }
         };
+        match path {
+            None => plan.clone_flags |= flag,
+            Some(p) if !p.starts_with('/') => {
+                return Err(SpecError::Unsupported(format!(
+                    "{} namespace path {p:?} is not absolute",
+                    ns.typ()
+                )))
+            }
+            Some(p) => match ns.typ() {
+                LinuxNamespaceType::Mount => {
+                    return Err(SpecError::Unsupported(
+                        "joining an existing mount namespace".into(),
+                    ))
+                }
+                LinuxNamespaceType::Pid => plan.pid_path = Some(p),
+                _ => plan.join_paths.push(p),
+            },
+        }
     }
     // A container always gets its own mount namespace: the rootfs set-up
     // must never touch the agent's.
-    Ok(flags | libc::CLONE_NEWNS)
+    plan.clone_flags |= libc::CLONE_NEWNS;
+    Ok(plan)
 }
 
 fn has_ns(spec: &Spec, typ: LinuxNamespaceType) -> bool {
     match spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()) {
-        Some(nss) => nss.iter().any(|n| n.typ() == typ),
+        Some(nss) => nss.iter().any(|n| n.typ() == typ && n.path().is_none()),
         None => typ != LinuxNamespaceType::Cgroup,
     }
 }
@@ -156,13 +186,16 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_default(),
         sysctls,
-        new_cgroupns: has_ns(spec, LinuxNamespaceType::Cgroup)
-            && spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.namespaces().as_ref())
-                .is_some(),
+        new_cgroupns: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| {
+                n.iter()
+                    .any(|n| n.typ() == LinuxNamespaceType::Cgroup && n.path().is_none())
+            }),
         populate_dev,
+        join_namespaces: namespaces(spec)?.join_paths,
     };
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
         Some(s) => seccomp::compile(s)?,
@@ -548,20 +581,34 @@ mod tests {
     }
 
     #[test]
-    fn namespaces() {
-        let s = spec(BASE);
-        let f = clone_flags(&s).unwrap();
+    fn namespace_plans() {
+        let p = namespaces(&spec(BASE)).unwrap();
         assert_eq!(
-            f,
+            p.clone_flags,
             libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC
         );
+        assert!(p.pid_path.is_none() && p.join_paths.is_empty());
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"user"}]}}"#);
-        assert!(clone_flags(&s).is_err());
+        assert!(namespaces(&s).is_err());
         let s = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"pid"}]}}"#);
         assert_eq!(
-            clone_flags(&s).unwrap(),
+            namespaces(&s).unwrap().clone_flags,
             libc::CLONE_NEWPID | libc::CLONE_NEWNS
         );
+        // pod-shared: join by path
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[
+                {"type":"pid","path":"/proc/7/ns/pid"},{"type":"ipc","path":"/proc/7/ns/ipc"},
+                {"type":"uts"},{"type":"mount"},{"type":"network","path":"/var/run/netns/x"}]}}"#,
+        );
+        let p = namespaces(&s).unwrap();
+        assert_eq!(p.clone_flags, libc::CLONE_NEWUTS | libc::CLONE_NEWNS);
+        assert_eq!(p.pid_path.as_deref(), Some("/proc/7/ns/pid"));
+        assert_eq!(p.join_paths, vec!["/proc/7/ns/ipc".to_string()]);
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"mount","path":"/proc/1/ns/mnt"}]}}"#,
+        );
+        assert!(namespaces(&s).is_err());
     }
 
     #[test]

@@ -80,6 +80,7 @@ fn run(status: &mut File) -> StageResult<Never> {
     // Stages 2 and 3: namespaces and root filesystem.
     match &cfg.mode {
         StageMode::Init(root) => {
+            join_namespaces(&root.join_namespaces)?;
             if root.new_cgroupns {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
                     .ctx(|| "unshare cgroup namespace".into())?;
