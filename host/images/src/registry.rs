@@ -17,12 +17,15 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{manifest, Client, Reference, RegistryOperation};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::content::BlobWriter;
 use crate::error::{ImageError, Result};
 use crate::reference::ImageRef;
 use crate::types::{Auth, RegistryConfig};
+
+/// Log download progress every this many bytes of a blob.
+const PROGRESS_EVERY: u64 = 32 << 20;
 
 /// Manifest media types we accept.
 pub const MANIFEST_TYPES: &[&str] = &[
@@ -240,7 +243,7 @@ impl Remote {
             .await
             .map_err(|e| map_err(&self.shown, &self.endpoint, e))?;
         let total = s.content_length;
-        let mut next_log = 16 << 20;
+        let mut next_log = PROGRESS_EVERY;
         while let Some(chunk) = s.stream.next().await {
             if abort.load(Ordering::Relaxed) {
                 return Err(ImageError::registry(
@@ -264,8 +267,8 @@ impl Remote {
             })?;
             w.write(&chunk)?;
             if w.written() >= next_log {
-                debug!(image = %self.shown, %what, %digest, bytes = w.written(), ?total, "downloading");
-                next_log += 16 << 20;
+                info!(image = %self.shown, %what, %digest, bytes = w.written(), total = total.unwrap_or(0), "downloading");
+                next_log += PROGRESS_EVERY;
             }
         }
         Ok(())
