@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 
 use vmpod_runtime::agent_client::{AgentClient, AGENT_VSOCK_PORT};
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
-use vmpod_runtime::hypervisor::{VmConfig, VmHandle};
+use vmpod_runtime::hypervisor::{SharedDirConfig, VmConfig, VmHandle};
 
 /// The busybox container rootfs inside the test initramfs.
 pub const BUSYBOX_ROOTFS: &str = "/containers/busybox";
+
+/// virtio-fs tag of [`AgentVm::shared`].
+pub const SHARED_TAG: &str = "vmpodshared";
 
 pub struct AgentVm {
     /// Runtime the VM was started on and the client lives on.
@@ -19,6 +22,9 @@ pub struct AgentVm {
     pub client: AgentClient,
     pub vm: Option<Box<dyn VmHandle>>,
     pub console: PathBuf,
+    /// Host directory shared into the guest with virtio-fs (tag
+    /// [`SHARED_TAG`]) when virtiofsd is installed (`make tools`).
+    pub shared: Option<PathBuf>,
 }
 
 /// Boot a VM whose files live in `target/<name>` (recreated; the console
@@ -42,6 +48,10 @@ pub fn boot(name: &str) -> Result<AgentVm, String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     eprintln!("{name}: VM files in {}", dir.display());
     let console = dir.join("console.log");
+    let shared = vmpod_runtime::hypervisor::tools::find("virtiofsd").map(|_| dir.join("shared"));
+    if let Some(d) = &shared {
+        std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+    }
     let config = VmConfig {
         kernel,
         initrd: Some(initrd),
@@ -53,7 +63,13 @@ pub fn boot(name: &str) -> Result<AgentVm, String> {
         console_log: console.clone(),
         disks: vec![],
         nets: vec![],
-        shared_dirs: vec![],
+        shared_dirs: shared
+            .iter()
+            .map(|p| SharedDirConfig {
+                tag: SHARED_TAG.into(),
+                path: p.clone(),
+            })
+            .collect(),
         rng: true,
     };
     let console2 = console.clone();
@@ -89,6 +105,7 @@ pub fn boot(name: &str) -> Result<AgentVm, String> {
         client,
         vm: Some(vm),
         console,
+        shared,
     })
 }
 
