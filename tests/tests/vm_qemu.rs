@@ -541,3 +541,52 @@ fn cli_rejects_bad_input_with_one_line_errors() {
     let e = run(v);
     assert!(e.contains("TAG=DIR"), "{e}");
 }
+
+/// The built-in backend's process supervision (its VM code is tested by the
+/// vmm_* tests): start a kernel-only guest, then stop it → `Stopped`, process
+/// gone, socket removed. Needs a usable /dev/kvm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_builtin_backend_start_and_stop() {
+    use vmpod_runtime::hypervisor::builtin::BuiltinHypervisor;
+    use vmpod_runtime::hypervisor::host::KvmFlavour;
+    let flavour = KvmFlavour::detect();
+    if !flavour.is_usable() {
+        eprintln!(
+            "skipping: the built-in VMM needs KVM: {}",
+            flavour.describe()
+        );
+        return;
+    }
+    let a = artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let config = VmConfig {
+        kernel: a.kernel.clone(),
+        initrd: None,
+        cmdline: "console=ttyS0 root=/dev/missing rootwait".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        vsock_uds: dir.path().join("vm.vsock"),
+        guest_cid: 3,
+        console_log: dir.path().join("console.log"),
+        disks: vec![],
+        nets: vec![],
+        shared_dirs: vec![],
+        rng: true,
+    };
+    let hv = BuiltinHypervisor::new(vmpod_bin());
+    let vm = hv.start_vm(&config).await.unwrap();
+    let pid = vm.pid().unwrap();
+    assert!(alive(pid));
+    assert!(config.vsock_uds.exists());
+    // Still running a moment later (kernel boot under PVM takes a minute;
+    // the vmm_* tests follow it, this test is about supervision).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        alive(pid),
+        "VMM process died early: {:?}",
+        std::fs::read_to_string(&config.console_log)
+    );
+    assert_eq!(vm.stop().await.unwrap(), ExitReason::Stopped);
+    wait_gone(&[pid]);
+    assert!(!config.vsock_uds.exists(), "socket removed");
+}
