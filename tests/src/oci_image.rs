@@ -20,6 +20,10 @@ use sha2::{Digest as _, Sha256};
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -183,6 +187,8 @@ pub struct Image {
     pub config_digest: String,
     pub manifest: Vec<u8>,
     pub manifest_digest: String,
+    /// `mediaType` of the manifest (OCI or Docker schema 2).
+    pub manifest_type: String,
     pub arch: String,
 }
 
@@ -203,6 +209,7 @@ pub struct ImageBuilder {
     env: Vec<String>,
     arch: String,
     label: String,
+    docker: bool,
 }
 
 impl Default for ImageBuilder {
@@ -220,7 +227,14 @@ impl ImageBuilder {
             env: vec!["PATH=/bin".into()],
             arch: "amd64".into(),
             label: String::new(),
+            docker: false,
         }
+    }
+    /// Docker schema 2 media types (manifest, config, gzip layers) instead of
+    /// OCI ones, as most images on Docker Hub and registry.k8s.io use.
+    pub fn docker_media_types(mut self) -> Self {
+        self.docker = true;
+        self
     }
     pub fn layer(mut self, l: Layer) -> Self {
         self.layers.push(l);
@@ -261,17 +275,30 @@ impl ImageBuilder {
         }
         let config = serde_json::to_vec(&cfg).expect("json");
         let config_digest = sha256(&config);
+        let (manifest_type, config_type) = if self.docker {
+            (DOCKER_MANIFEST, DOCKER_CONFIG)
+        } else {
+            (OCI_MANIFEST, OCI_CONFIG)
+        };
+        let layer_type = |l: &Layer| {
+            if self.docker && l.media_type == Compression::Gzip.media_type() {
+                DOCKER_LAYER_GZIP.to_string()
+            } else {
+                l.media_type.clone()
+            }
+        };
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
+            "mediaType": manifest_type,
+            "config": {"mediaType": config_type, "digest": config_digest, "size": config.len()},
             "layers": self.layers.iter().map(|l| json!({
-                "mediaType": l.media_type, "digest": l.digest, "size": l.blob.len()
+                "mediaType": layer_type(l), "digest": l.digest, "size": l.blob.len()
             })).collect::<Vec<_>>(),
         }))
         .expect("json");
         Image {
             manifest_digest: sha256(&manifest),
+            manifest_type: manifest_type.to_string(),
             manifest,
             config,
             config_digest,
@@ -287,14 +314,17 @@ pub struct Index {
     pub bytes: Vec<u8>,
     pub digest: String,
     pub images: Vec<Image>,
+    pub media_type: String,
 }
 
+/// (A Docker manifest list when the images use Docker media types.)
 pub fn index(images: Vec<Image>) -> Index {
+    let docker = images.iter().all(|i| i.manifest_type == DOCKER_MANIFEST);
     let bytes = serde_json::to_vec(&json!({
         "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
+        "mediaType": if docker { DOCKER_LIST } else { OCI_INDEX },
         "manifests": images.iter().map(|i| json!({
-            "mediaType": OCI_MANIFEST,
+            "mediaType": i.manifest_type,
             "digest": i.manifest_digest,
             "size": i.manifest.len(),
             "platform": {"os": "linux", "architecture": i.arch},
@@ -302,6 +332,7 @@ pub fn index(images: Vec<Image>) -> Index {
     }))
     .expect("json");
     Index {
+        media_type: if docker { DOCKER_LIST } else { OCI_INDEX }.to_string(),
         digest: sha256(&bytes),
         bytes,
         images,
@@ -420,7 +451,7 @@ impl Pusher {
         self.push_blob(repo, &img.config_digest, &img.config)
             .await?;
         let reference = tag.unwrap_or(&img.manifest_digest);
-        self.push_manifest(repo, reference, OCI_MANIFEST, &img.manifest)
+        self.push_manifest(repo, reference, &img.manifest_type, &img.manifest)
             .await?;
         Ok(img.manifest_digest.clone())
     }
@@ -430,7 +461,8 @@ impl Pusher {
         for img in &idx.images {
             self.push_image(repo, None, img).await?;
         }
-        self.push_manifest(repo, tag, OCI_INDEX, &idx.bytes).await?;
+        self.push_manifest(repo, tag, &idx.media_type, &idx.bytes)
+            .await?;
         Ok(idx.digest.clone())
     }
 }

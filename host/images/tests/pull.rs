@@ -289,6 +289,51 @@ async fn multi_arch_index_resolves_to_amd64() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn docker_schema2_manifest_list() {
+    let Some(reg) = registry() else { return };
+    let amd = ImageBuilder::new()
+        .layer(Layer::busybox(Compression::Gzip).unwrap())
+        .docker_media_types()
+        .build();
+    let arm = ImageBuilder::new()
+        .layer(Layer::new(
+            &[Entry::File("arm".into(), b"arm".to_vec(), 0o644)],
+            Compression::Gzip,
+        ))
+        .arch("arm64")
+        .docker_media_types()
+        .build();
+    let list = oci_image::index(vec![amd.clone(), arm]);
+    assert_eq!(list.media_type, oci_image::DOCKER_LIST);
+    Pusher::new(&reg.addr(), None)
+        .push_index("test/docker", "v1", &list)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let rec = store
+        .pull(&format!("{}/test/docker:v1", reg.addr()), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.id, amd.config_digest);
+    assert!(rec.layer_dirs[0].join("bin/busybox").is_file());
+    // A plain schema 2 manifest (no list), pulled by digest.
+    let d = push(&reg, "test/docker-single", "v1", &amd).await;
+    let rec = store
+        .pull(&format!("{}/test/docker-single@{d}", reg.addr()), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.id, amd.config_digest);
+    assert_eq!(
+        rec.repo_tags.len(),
+        1,
+        "tag from the first pull kept: {:?}",
+        rec.repo_tags
+    );
+    assert_eq!(rec.repo_digests.len(), 2, "{:?}", rec.repo_digests);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_pulls_share_one_download() {
     let Some(reg) = registry() else { return };
     let img = image_with("dedup", Compression::Gzip);
