@@ -37,7 +37,10 @@ panic)
     echo VMPOD-PANICKING
     exit 3 ;;
 idle)
+    echo VMPOD-IDLE
     while true; do sleep 1; done ;;
+reboot)
+    reboot -f ;;
 esac
 if mount -t virtiofs share /mnt; then
     echo "VMPOD-SHARE=$(cat /mnt/hello.txt)"
@@ -382,6 +385,30 @@ fn cli_reports_guest_panic() {
     assert!(!dir.path().join("vm.vsock").exists());
 }
 
+/// A guest reboot ends the microVM cleanly: exit 0, reason `Reboot`.
+#[test]
+fn cli_guest_reboot_is_a_clean_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exit_json = dir.path().join("exit.json");
+    let child = vm_run_cmd(
+        dir.path(),
+        "vmpod_test=reboot",
+        &["--exit-json", exit_json.to_str().unwrap()],
+    )
+    .spawn()
+    .unwrap();
+    let out = wait_exit(child);
+    assert!(
+        out.status.success(),
+        "reboot → exit 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reason: ExitReason = serde_json::from_slice(&std::fs::read(&exit_json).unwrap()).unwrap();
+    assert_eq!(reason, ExitReason::Reboot);
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert!(console.contains(MARKER), "{console}");
+}
+
 /// SIGTERM stops a running VM: exit 0, QEMU and helpers gone, socket removed.
 #[test]
 fn cli_sigterm_stops_the_vm() {
@@ -436,7 +463,7 @@ async fn library_start_and_stop() {
     let pid = vm.pid().expect("QEMU pid");
     assert!(alive(pid));
     let log = config.console_log.clone();
-    let text = tokio::task::spawn_blocking(move || wait_console(&log, MARKER, None))
+    let text = tokio::task::spawn_blocking(move || wait_console(&log, "VMPOD-IDLE", None))
         .await
         .unwrap();
     assert_eq!(console_value(&text, "VMPOD-NPROC="), "1");
