@@ -47,6 +47,7 @@ if mount -t virtiofs share /mnt; then
 fi
 echo "VMPOD-RNG=$(cat /sys/class/misc/hw_random/rng_current) $(head -c 64 /dev/hwrng | wc -c)"
 echo "VMPOD-G2H=$(/bin/vsock_probe connect 2 6000 hello-from-guest)"
+/bin/vsock_probe echo 5001 &
 /bin/vsock_probe listen 5000
 echo VMPOD-LISTENER-DONE
 poweroff -f
@@ -97,6 +98,30 @@ int main(int argc, char **argv) {
             close(c);
             if (!strcmp(line, "quit")) return 0;
         }
+    }
+    if (argc == 3 && !strcmp(argv[1], "echo")) {
+        int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+        a.svm_cid = VMADDR_CID_ANY;
+        a.svm_port = atoi(argv[2]);
+        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4)) { perror("echo"); return 1; }
+        printf("VMPOD-ECHO-LISTENING %s\n", argv[2]);
+        fflush(stdout);
+        int c = accept(s, NULL, NULL);
+        if (c < 0) { perror("accept"); return 1; }
+        static char buf[65536];
+        long total = 0;
+        for (;;) {
+            int n = read(c, buf, sizeof buf);
+            if (n <= 0) break;
+            for (int off = 0; off < n;) {
+                int w = write(c, buf + off, n - off);
+                if (w <= 0) return 1;
+                off += w;
+            }
+            total += n;
+        }
+        printf("VMPOD-ECHOED=%ld\n", total);
+        return 0;
     }
     if (argc == 5 && !strcmp(argv[1], "connect")) {
         int s = socket(AF_VSOCK, SOCK_STREAM, 0);
@@ -203,7 +228,8 @@ fn console_value(text: &str, key: &str) -> String {
 fn host_to_guest(uds: &Path, port: u32, line: &str) -> String {
     let mut s = UnixStream::connect(uds).expect("connect to the VM's vsock socket");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    writeln!(s, "CONNECT {port}").unwrap();
+    // One write: vhost-device-vsock 0.3.0 parses the first read only.
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut ok = String::new();
     r.read_line(&mut ok).unwrap();
@@ -215,6 +241,30 @@ fn host_to_guest(uds: &Path, port: u32, line: &str) -> String {
     let mut reply = String::new();
     r.read_line(&mut reply).unwrap();
     reply.trim_end().to_string()
+}
+
+/// Send `count` chunks of `chunk` bytes to a guest echo server and check
+/// every byte comes back; at most one chunk is in flight.
+fn bulk_echo(uds: &Path, port: u32, chunk: usize, count: usize) {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // One write: vhost-device-vsock 0.3.0 parses the first read only.
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut ok = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        s.read_exact(&mut byte).expect("handshake reply");
+        ok.push(byte[0]);
+    }
+    assert!(ok.starts_with(b"OK "), "{:?}", String::from_utf8_lossy(&ok));
+    let mut back = vec![0u8; chunk];
+    for i in 0..count {
+        let data: Vec<u8> = (0..chunk).map(|j| (i * 31 + j * 7) as u8).collect();
+        s.write_all(&data).unwrap();
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("echo of chunk {i} stalled or failed: {e}"));
+        assert!(back == data, "chunk {i} corrupted");
+    }
 }
 
 fn vm_run_cmd(dir: &Path, cmdline: &str, extra: &[&str]) -> Command {
@@ -338,6 +388,11 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
         "qemu + vhost-device-vsock + virtiofsd: {helpers:?}"
     );
 
+    // Bulk traffic the way the agent sends it (bounded in flight: 64 KiB
+    // chunks, each read back before the next): 4 MiB through the guest.
+    wait_console(&console, "VMPOD-ECHO-LISTENING 5001", None);
+    bulk_echo(&uds, 5001, 64 * 1024, 64);
+
     // Host → guest: two connections (the second tells the listener to quit).
     assert_eq!(
         host_to_guest(&uds, 5000, "ping-from-host"),
@@ -350,6 +405,10 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
     assert!(out.status.success(), "powered-off guest → exit 0: {stderr}");
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("VMPOD-LISTENER-DONE"), "{text}");
+    assert_eq!(
+        console_value(&text, "VMPOD-ECHOED="),
+        (64 * 64 * 1024).to_string()
+    );
     wait_gone(&helpers);
     assert!(!uds.exists(), "vsock socket removed");
 }
@@ -463,9 +522,13 @@ async fn library_start_and_stop() {
     let pid = vm.pid().expect("QEMU pid");
     assert!(alive(pid));
     let log = config.console_log.clone();
-    let text = tokio::task::spawn_blocking(move || wait_console(&log, "VMPOD-IDLE", None))
-        .await
-        .unwrap();
+    let text = tokio::select! {
+        t = tokio::task::spawn_blocking(move || wait_console(&log, "VMPOD-IDLE", None)) => t.unwrap(),
+        r = vm.wait() => panic!(
+            "VM ended before its init ran: {r:?}; console:\n{}",
+            std::fs::read_to_string(&config.console_log).unwrap_or_default()
+        ),
+    };
     assert_eq!(console_value(&text, "VMPOD-NPROC="), "1");
     // Nobody listens on port 9: the guest refuses, the host sees EOF (no hang).
     let uds = config.vsock_uds.clone();

@@ -8,8 +8,10 @@
 //!
 //! Both expose the guest's vsock through a unix socket speaking Firecracker's
 //! hybrid-vsock protocol (host connects to [`VmHandle::vsock_uds`], writes
-//! `CONNECT <port>\n`, reads `OK <port>\n`; guest connections to CID 2 port P
-//! arrive at `<vsock_uds>_P`), so callers are identical.
+//! `CONNECT <port>\n` in one write, reads `OK <port>\n`; guest connections
+//! to CID 2 port P arrive at `<vsock_uds>_P`), so callers are identical.
+//! With the QEMU backend keep at most 256 KiB in flight per direction and do
+//! not half-close (see [`qemu`]).
 //!
 //! Typical use (async):
 //! ```no_run

@@ -22,12 +22,17 @@ pub(crate) struct RunFiles {
 
 /// What the QEMU backend appends to the user's command line: a console on
 /// the serial port (the log and crash reasons depend on it), exit on panic,
-/// reboot by triple fault (QEMU then exits: `-no-reboot`), and on PVM hosts
-/// under KVM the CPU feature masks. Keys the user set are left alone.
+/// reboot by triple fault (QEMU then exits: `-no-reboot`); with TCG
+/// `no_timer_check` (on a loaded host the emulated IO-APIC timer check can
+/// miss its window and panic the guest: "IO-APIC + timer doesn't work!");
+/// on PVM hosts under KVM the CPU feature masks. Keys the user set are left
+/// alone.
 pub fn guest_cmdline(user: &str, accel: EffectiveAccel) -> String {
     let mut extra = vec!["console=ttyS0", "reboot=t", "panic=-1"];
-    if accel == (EffectiveAccel::Kvm { pvm: true }) {
-        extra.push(PVM_GUEST_CMDLINE);
+    match accel {
+        EffectiveAccel::Tcg => extra.push("no_timer_check"),
+        EffectiveAccel::Kvm { pvm: true } => extra.push(PVM_GUEST_CMDLINE),
+        EffectiveAccel::Kvm { pvm: false } => {}
     }
     append_cmdline(user, &extra)
 }
@@ -183,7 +188,7 @@ mod tests {
         );
         assert_eq!(
             after(&args, "-append"),
-            ["quiet panic=5 console=ttyS0 reboot=t"]
+            ["quiet panic=5 console=ttyS0 reboot=t no_timer_check"]
         );
         let devices = after(&args, "-device");
         assert!(devices.contains(&"vhost-user-vsock-device,chardev=vsock"));

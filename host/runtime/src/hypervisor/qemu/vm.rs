@@ -202,8 +202,10 @@ impl Supervisor {
             terminate(&mut h.child, Duration::from_secs(2)).await;
         }
         tracing::info!(%reason, vsock = %self.cleanup.vsock_uds.display(), "QEMU microVM ended");
+        // Remove the sockets and the runtime dir before anyone learns the VM
+        // ended, so a waiter can reuse the paths at once.
+        drop(self);
         let _ = exit_tx.send(Some(reason));
-        // `self` drops here: Cleanup removes the sockets and the runtime dir.
     }
 
     /// Ask QEMU to quit (QMP), remembering whether this was a stop request.
