@@ -22,9 +22,13 @@ use vmpod_tests::{build_dir, vmpod_bin};
 
 /// Boot to the root-device wait takes ~20-60 s here (emulated kernel mode,
 /// busy 2-core machine); be generous.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const GUEST_IP: &str = "10.0.2.15";
-const HOST_IP: &str = "10.0.2.1";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A /24 of our own per test process, so parallel runs and other VMs'
+/// TAP networks (often 10.0.2.0/24) do not collide.
+fn subnet() -> String {
+    format!("10.213.{}", std::process::id() % 250 + 1)
+}
 
 /// Why this host cannot run the probes, if it cannot.
 fn skip_reason() -> Option<String> {
@@ -91,7 +95,13 @@ impl Tap {
         let _ = Command::new("ip").args(["link", "del", &name]).output();
         ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
         let tap = Tap { name };
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", subnet()),
+            "dev",
+            &tap.name,
+        ]);
         ip(&["link", "set", &tap.name, "up"]);
         tap
     }
@@ -149,16 +159,40 @@ fn wait_console(log: &Path, needle: &str, child: &mut Child) -> String {
     }
 }
 
-fn wait_exit(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("vmpod vm run did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// The `vmpod vm run` process; killed if a failing test leaves it running.
+struct Vm(Option<Child>);
+
+impl Vm {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
     }
-    child.wait_with_output().unwrap()
+
+    fn pid(&self) -> i32 {
+        self.0.as_ref().expect("running").id() as i32
+    }
+
+    fn wait_exit(mut self, limit: Duration) -> Output {
+        let mut child = self.0.take().expect("running");
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vmpod vm run did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// The tracing output without colour codes.
@@ -219,8 +253,9 @@ fn builtin_vm_kernel_probes() {
     let disk = dir.path().join("disk.img");
     partitioned_disk(&disk);
     let tap = Tap::create();
+    let (guest_ip, host_ip) = (format!("{}.15", subnet()), format!("{}.1", subnet()));
     let cmdline =
-        format!("root=/dev/missing rootwait ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
+        format!("root=/dev/missing rootwait ip={guest_ip}::{host_ip}:255.255.255.0::eth0:off");
     let extra = vec![
         "--disk".to_string(),
         format!("{},ro", disk.display()),
@@ -228,18 +263,33 @@ fn builtin_vm_kernel_probes() {
         format!("{},02:00:00:00:00:0f", tap.name),
     ];
     let started = Instant::now();
-    let mut child = vm_cmd(dir.path(), &cmdline, &extra).spawn().unwrap();
+    let mut vm = Vm(Some(vm_cmd(dir.path(), &cmdline, &extra).spawn().unwrap()));
     let console = dir.path().join("console.log");
     let uds = dir.path().join("vm.vsock");
 
-    let first = wait_console(&console, "Linux version", &mut child);
+    wait_console(&console, "Linux version", vm.child());
     eprintln!("first kernel line after {:?}", started.elapsed());
-    assert!(
-        first.contains("no_int3_selftest"),
-        "PVM/cmdline masks: {first}"
-    );
-    let text = wait_console(&console, "Waiting for root device /dev/missing", &mut child);
+    let text = wait_console(&console, "Waiting for root device /dev/missing", vm.child());
     eprintln!("root wait after {:?}", started.elapsed());
+
+    let cmd_line = text
+        .lines()
+        .find(|l| l.contains("Command line:"))
+        .expect("kernel prints its command line");
+    assert!(
+        cmd_line.contains(&cmdline),
+        "user command line kept: {cmd_line}"
+    );
+    assert!(
+        cmd_line.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{cmd_line}"
+    );
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            cmd_line.contains("no_int3_selftest"),
+            "PVM masks: {cmd_line}"
+        );
+    }
 
     // virtio-blk: the kernel read the partition table.
     assert!(text.contains("vda: vda1"), "partition scan:\n{text}");
@@ -249,7 +299,7 @@ fn builtin_vm_kernel_probes() {
     );
     // virtio-net: in-kernel IP configuration ran on our device.
     assert!(
-        text.contains(&format!("ipaddr={GUEST_IP}")),
+        text.contains(&format!("ipaddr={guest_ip}")),
         "IP-Config on eth0:\n{text}"
     );
 
@@ -273,14 +323,14 @@ fn builtin_vm_kernel_probes() {
 
     // virtio-net: the guest answers ping through the TAP.
     assert!(
-        ping_ok(GUEST_IP),
-        "guest does not answer ping on {GUEST_IP}"
+        ping_ok(&guest_ip),
+        "guest does not answer ping on {guest_ip}"
     );
 
     // Stop: SIGTERM → clean exit, exit reason Stopped, socket removed.
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_exit(child, Duration::from_secs(30));
+    unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+    let out = vm.wait_exit(Duration::from_secs(30));
     let log = plain(&out.stderr);
     assert!(out.status.success(), "SIGTERM → exit 0:\n{log}");
     let reason: ExitReason =
@@ -324,10 +374,12 @@ fn builtin_guest_panic_is_reported_as_crash() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let child = vm_cmd(dir.path(), "root=/dev/missing", &["--no-rng".to_string()])
-        .spawn()
-        .unwrap();
-    let out = wait_exit(child, BOOT_TIMEOUT);
+    let vm = Vm(Some(
+        vm_cmd(dir.path(), "root=/dev/missing", &["--no-rng".to_string()])
+            .spawn()
+            .unwrap(),
+    ));
+    let out = vm.wait_exit(BOOT_TIMEOUT);
     let stderr = plain(&out.stderr);
     let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
     assert_eq!(

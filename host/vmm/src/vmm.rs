@@ -208,6 +208,16 @@ fn vcpu_loop(
 ) {
     loop {
         if stop.load(Ordering::SeqCst) {
+            // Where the guest was: handy when a guest hangs (e.g. SMP
+            // bring-up on PVM); resolve with `nm vmlinux`.
+            if let Ok(r) = vcpu.get_regs() {
+                tracing::debug!(
+                    vcpu = id,
+                    rip = format_args!("{:#x}", r.rip),
+                    rsp = format_args!("{:#x}", r.rsp),
+                    "vCPU stopped"
+                );
+            }
             return;
         }
         let r = match vcpu.run(io) {

@@ -149,6 +149,10 @@ impl Vcpu for KvmVcpu {
         self.fd.set_msrs(&msrs).map_err(ioctl_err("KVM_SET_MSRS"))
     }
 
+    fn get_regs(&self) -> Result<kvm_regs> {
+        self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))
+    }
+
     fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
         self.fd.set_regs(regs).map_err(ioctl_err("KVM_SET_REGS"))
     }

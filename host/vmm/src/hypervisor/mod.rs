@@ -89,6 +89,7 @@ pub trait Vcpu: Send {
     fn set_cpuid(&self, cpuid: &CpuId) -> Result<()>;
     /// Returns how many of the MSRs were accepted.
     fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<usize>;
+    fn get_regs(&self) -> Result<kvm_regs>;
     fn set_regs(&self, regs: &kvm_regs) -> Result<()>;
     fn get_sregs(&self) -> Result<kvm_sregs>;
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()>;

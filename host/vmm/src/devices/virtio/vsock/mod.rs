@@ -58,6 +58,10 @@ struct Active {
 
 impl Vsock {
     pub fn new(cid: u64, uds: &Path) -> Result<Self, Error> {
+        tracing::debug!(
+            vhost = %vhost::unavailable_reason(),
+            "vsock: userspace device with hybrid unix-socket back-end"
+        );
         Ok(Self {
             cid,
             muxer: Muxer::new(cid, uds)?,
