@@ -284,7 +284,12 @@ async fn pull_inner(
     let inner2 = inner.clone();
     let meta2 = meta.clone();
     let dropped = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let t = Instant::now();
         syncfs(&inner2.root)?;
+        info!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "store synced to disk"
+        );
         inner2.meta.commit_image(&meta2)
     })
     .await
