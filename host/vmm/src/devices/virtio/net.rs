@@ -151,8 +151,10 @@ impl Net {
                 let _ = r.take(MAX_FRAME as u64).read_to_end(&mut buf);
             }
             if buf.len() > VNET_HDR_LEN {
+                // A TAP write takes the whole frame or fails.
                 match self.tap.file.write(&buf) {
-                    Ok(_) => self.tx_frames += 1,
+                    Ok(n) if n == buf.len() => self.tx_frames += 1,
+                    Ok(n) => tracing::debug!(n, len = buf.len(), "TAP took a partial frame"),
                     Err(e) => tracing::debug!(error = %e, "TAP write dropped a frame"),
                 }
             }
