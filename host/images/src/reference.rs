@@ -168,9 +168,23 @@ fn validate_tag(t: &str) -> std::result::Result<(), String> {
 }
 
 fn validate_registry(r: &str) -> std::result::Result<(), String> {
-    let (host, port) = match r.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || r.starts_with('[') => (h, Some(p)),
-        _ => (r, None),
+    let (host, port) = if r.starts_with('[') {
+        // [v6addr] or [v6addr]:port
+        let end = r
+            .find(']')
+            .ok_or_else(|| format!("invalid registry host {r:?}"))?;
+        match &r[end + 1..] {
+            "" => (&r[..=end], None),
+            rest => match rest.strip_prefix(':') {
+                Some(p) => (&r[..=end], Some(p)),
+                None => return Err(format!("invalid registry host {r:?}")),
+            },
+        }
+    } else {
+        match r.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (r, None),
+        }
     };
     if let Some(p) = port {
         if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
@@ -295,6 +309,11 @@ mod tests {
         let r = ImageRef::parse("127.0.0.1:5000/a/b:v1").unwrap();
         assert_eq!(r.registry, "127.0.0.1:5000");
         assert_eq!(r.repository, "a/b");
+        let r = ImageRef::parse("[::1]:5000/foo").unwrap();
+        assert_eq!(r.registry, "[::1]:5000");
+        assert_eq!(ImageRef::parse("[::1]/foo").unwrap().registry, "[::1]");
+        assert!(ImageRef::parse("[::1]x/foo").is_err());
+        assert!(ImageRef::parse("[zz]:5000/foo").is_err());
         // No dot/colon and not localhost: a Docker Hub namespace.
         assert_eq!(norm("myhost/foo"), "docker.io/myhost/foo:latest");
     }
