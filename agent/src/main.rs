@@ -33,6 +33,11 @@ fn main() {
         _ => vmpod_proto::AGENT_VSOCK_PORT,
     };
     let is_init = std::process::id() == 1;
+    let switched = if is_init {
+        Some(pid1::switch_to_tmpfs_root())
+    } else {
+        None
+    };
     if is_init {
         pid1::mount_base();
     }
@@ -49,6 +54,9 @@ fn main() {
         pid = std::process::id(),
         "vmpod-agent starting"
     );
+    if let Some(Err(e)) = switched {
+        tracing::warn!(error = %e, "could not move the initramfs to a tmpfs root; containers fall back to chroot");
+    }
     if let Err(e) = run(port, is_init) {
         tracing::error!(error = %e, "agent failed");
     }

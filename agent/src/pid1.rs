@@ -91,3 +91,78 @@ pub fn loopback_up() -> std::io::Result<()> {
         r
     }
 }
+
+/// Move the initramfs contents onto a tmpfs mounted over `/` (what
+/// switch_root does), so containers can `pivot_root` away from the guest
+/// root: the initial rootfs itself can never be pivoted. Runs first thing as
+/// PID 1, while nothing else is mounted.
+pub fn switch_to_tmpfs_root() -> std::io::Result<()> {
+    const NEW: &str = "/.vmpod-root";
+    let st = nix::sys::statfs::statfs("/")?;
+    let t = st.filesystem_type();
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    if t.0 as i64 != RAMFS_MAGIC && t != nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(()); // not an initramfs root
+    }
+    std::fs::create_dir_all(NEW)?;
+    mount(
+        Some("rootfs"),
+        NEW,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    let new = Path::new(NEW);
+    for entry in std::fs::read_dir("/")? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".vmpod-root" {
+            continue;
+        }
+        move_tree(&entry.path(), &new.join(&name))?;
+    }
+    std::env::set_current_dir(NEW)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+/// Copy `src` to `dst` (files, dirs, symlinks, device nodes, modes), then
+/// remove `src` so the initramfs memory is freed.
+fn move_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(src)?;
+    let ft = meta.file_type();
+    let perm = std::fs::Permissions::from_mode(meta.mode() & 0o7777);
+    if ft.is_dir() {
+        std::fs::create_dir(dst)?;
+        for e in std::fs::read_dir(src)? {
+            let e = e?;
+            move_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+        std::fs::set_permissions(dst, perm)?;
+        std::fs::remove_dir(src)?;
+    } else if ft.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
+        std::fs::remove_file(src)?;
+    } else if ft.is_char_device() || ft.is_block_device() {
+        let kind = if ft.is_char_device() {
+            nix::sys::stat::SFlag::S_IFCHR
+        } else {
+            nix::sys::stat::SFlag::S_IFBLK
+        };
+        nix::sys::stat::mknod(
+            dst,
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
+            meta.rdev(),
+        )?;
+        std::fs::remove_file(src)?;
+    } else if ft.is_file() {
+        std::fs::copy(src, dst)?;
+        std::fs::set_permissions(dst, perm)?;
+        std::fs::remove_file(src)?;
+    }
+    Ok(())
+}

@@ -1,10 +1,10 @@
 //! Root filesystem stage of a container's init: runs in the container's
 //! fresh mount namespace, still seeing the guest's root.
 //!
-//! The guest root is the initramfs (rootfs), which cannot be pivot_root'ed
-//! away, so the container root is bind-mounted onto itself, moved over `/`
-//! and chroot'ed into (runc's `no_pivot` path). Capabilities the container
-//! keeps should exclude CAP_SYS_ADMIN/CAP_SYS_CHROOT (CRI defaults do).
+//! The container root is bind-mounted onto itself and becomes `/` with
+//! `pivot_root` (the agent moved the initramfs onto a tmpfs at boot so this
+//! works); on an initial-rootfs root it falls back to move + chroot (runc's
+//! `no_pivot`).
 
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
@@ -44,10 +44,7 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
         populate_dev(root)?;
     }
     std::env::set_current_dir(root).ctx(|| "chdir rootfs".into())?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .ctx(|| "move rootfs to /".into())?;
-    nix::unistd::chroot(".").ctx(|| "chroot".into())?;
-    std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
+    enter_root()?;
 
     for (k, v) in &cfg.sysctls {
         let path = format!("/proc/sys/{}", k.replace('.', "/"));
@@ -70,6 +67,35 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
         .ctx(|| "remount rootfs read-only".into())?;
     }
     Ok(())
+}
+
+/// Make the current directory (the bind-mounted rootfs) the root:
+/// `pivot_root(".", ".")` and detach the old root; where the guest root
+/// cannot be pivoted (the agent runs straight from the initial rootfs),
+/// move the rootfs over `/` and chroot (runc's `no_pivot`).
+fn enter_root() -> StageResult<()> {
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            // The old root is stacked on "."; make it private, then detach.
+            mount(
+                None::<&str>,
+                ".",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .ctx(|| "make old root private".into())?;
+            nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+                .ctx(|| "detach old root".into())?;
+        }
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .ctx(|| "move rootfs to /".into())?;
+            nix::unistd::chroot(".").ctx(|| "chroot".into())?;
+        }
+        Err(e) => return Err(format!("pivot_root: {e}")),
+    }
+    std::env::set_current_dir("/").ctx(|| "chdir /".into())
 }
 
 /// `dest` inside `root`, lexically (no `..`, validated by the agent).
