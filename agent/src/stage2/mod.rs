@@ -268,3 +268,37 @@ fn install_seccomp(prog: &[crate::container::config::SockFilter]) -> StageResult
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn executable_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let tool = bin.join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data = bin.join("data");
+        std::fs::write(&data, "x").unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let env = vec![format!("PATH=/nonexistent:{}", bin.display())];
+        assert_eq!(
+            find_executable("tool", &env).unwrap(),
+            tool.to_string_lossy()
+        );
+        assert_eq!(
+            find_executable(tool.to_str().unwrap(), &env).unwrap(),
+            tool.to_string_lossy()
+        );
+        let e = find_executable("missing", &env).unwrap_err();
+        assert!(e.contains("\"missing\" not found in PATH"), "{e}");
+        // a directory or a non-executable file is not a command
+        assert!(find_executable(bin.to_str().unwrap(), &env).is_err());
+        // (access(2) X_OK fails even for root without any x bit)
+        assert!(find_executable("data", &env).is_err());
+    }
+}

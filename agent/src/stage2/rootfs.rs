@@ -249,3 +249,16 @@ fn readonly(p: &str) -> StageResult<()> {
     )
     .ctx(|| format!("remount {p} read-only"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_stay_inside_the_root() {
+        let r = Path::new("/containers/c1");
+        assert_eq!(in_root(r, "/proc"), Path::new("/containers/c1/proc"));
+        assert_eq!(in_root(r, "/a/./b"), Path::new("/containers/c1/a/b"));
+        assert_eq!(in_root(r, "/"), Path::new("/containers/c1"));
+    }
+}
