@@ -502,10 +502,13 @@ fn vmpod_bin() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
+    // The most recently built of release/debug (`make bench` builds release).
     ["release", "debug"]
         .iter()
         .map(|p| target.join(p).join("vmpod"))
-        .find(|p| p.exists())
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p)
         .expect("vmpod binary not built (make build)")
 }
 
