@@ -221,7 +221,10 @@ fn device_counter(log: &str, device: &str, key: &str) -> u64 {
         .find(|l| l.contains("device stats") && l.contains(&format!("\"{device}\"")))
         .unwrap_or_else(|| panic!("no stats for {device} in:\n{log}"));
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .find_map(|w| {
+            w.trim_start_matches("stats=")
+                .strip_prefix(&format!("{key}="))
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
@@ -398,4 +401,77 @@ fn builtin_guest_panic_is_reported_as_crash() {
         "{reason:?}"
     );
     assert!(!dir.path().join("vm.vsock").exists());
+}
+
+/// A tiny initramfs: busybox as `/init` (a shell script).
+fn tiny_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("initramfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    std::fs::write(
+        root.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox echo VMPOD-INIT-RAN\nexec /bin/busybox sleep 1000\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("initrd.cpio");
+    let st = Command::new("sh")
+        .current_dir(&root)
+        .arg("-c")
+        .arg(format!(
+            "find . | sort | cpio --quiet -o -H newc -R 0:0 > {}",
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cpio");
+    out
+}
+
+/// With an initramfs the kernel unpacks it and starts `/init`. On PVM hosts
+/// init's first system call faults and the kernel panics ("Attempted to kill
+/// init!"), which the VMM reports as a crash; on hardware KVM init runs and
+/// SIGTERM stops the VM.
+#[test]
+fn builtin_boot_reaches_run_init() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP builtin_boot_reaches_run_init: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = tiny_initramfs(dir.path());
+    let extra = vec![
+        "--initrd".to_string(),
+        initrd.display().to_string(),
+        "--no-rng".to_string(),
+    ];
+    let started = Instant::now();
+    let mut vm = Vm(Some(vm_cmd(dir.path(), "", &extra).spawn().unwrap()));
+    let console = dir.path().join("console.log");
+    let text = wait_console(&console, "Run /init as init process", vm.child());
+    eprintln!("`Run /init` after {:?}", started.elapsed());
+    assert!(
+        text.contains("Unpacking initramfs") || text.contains("Trying to unpack rootfs"),
+        "{text}"
+    );
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if !pvm {
+        wait_console(&console, "VMPOD-INIT-RAN", vm.child());
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+    }
+    let out = vm.wait_exit(BOOT_TIMEOUT);
+    let reason: ExitReason =
+        serde_json::from_slice(&std::fs::read(dir.path().join("exit.json")).unwrap()).unwrap();
+    if pvm {
+        assert_eq!(out.status.code(), Some(2), "{}", plain(&out.stderr));
+        assert!(
+            matches!(&reason, ExitReason::Crashed(r) if r.contains("Attempted to kill init")),
+            "PVM: init cannot make syscalls, so the kernel panics: {reason:?}"
+        );
+    } else {
+        assert!(out.status.success());
+        assert_eq!(reason, ExitReason::Stopped);
+    }
 }
