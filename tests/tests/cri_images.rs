@@ -223,6 +223,11 @@ async fn missing_image_is_not_found() {
     ] {
         let e = c.pull(&name, None).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{name}: {e:?}");
+        // Said once, naming the image and the endpoint that was asked.
+        assert_eq!(
+            e.message(),
+            format!("image {name:?} not found (tried {}: not found)", reg.addr())
+        );
     }
     assert!(c.list(None).await.unwrap().is_empty());
 }
@@ -450,9 +455,22 @@ async fn mirror_only_never_contacts_the_original_host() {
     // With the mirror down and mirror_only, the pull fails instead of
     // falling back to the original.
     c.remove(&name).await.unwrap();
+    let mirror_host = mirror.addr();
     drop(mirror);
     let e = c.pull(&name, None).await.unwrap_err();
-    assert_ne!(e.code(), Code::Ok);
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message()
+            .contains(&format!("tried {mirror_host} (mirror): ")),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        e.message().matches("; ").count(),
+        0,
+        "only the mirror tried: {}",
+        e.message()
+    );
     assert_eq!(
         original.requests().len(),
         before,

@@ -22,7 +22,7 @@ use vmpod_images::ImageError;
 pub fn image_error(e: ImageError) -> Status {
     let code = match &e {
         ImageError::InvalidReference { .. } => Code::InvalidArgument,
-        ImageError::NotFound(_) => Code::NotFound,
+        ImageError::NotFound { .. } => Code::NotFound,
         ImageError::Unauthorized { .. } => Code::Unauthenticated,
         ImageError::DigestMismatch { .. } => Code::DataLoss,
         ImageError::InUse(_) => Code::FailedPrecondition,
@@ -65,7 +65,13 @@ mod tests {
                 },
                 Code::InvalidArgument,
             ),
-            (ImageError::NotFound("x".into()), Code::NotFound),
+            (
+                ImageError::NotFound {
+                    reference: "x".into(),
+                    detail: String::new(),
+                },
+                Code::NotFound,
+            ),
             (
                 ImageError::Unauthorized {
                     reference: "x".into(),

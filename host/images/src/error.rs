@@ -5,9 +5,11 @@ pub enum ImageError {
     /// Unparseable reference.
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference { reference: String, reason: String },
-    /// Registry says the image or tag does not exist, or it is not stored.
-    #[error("image {0:?} not found")]
-    NotFound(String),
+    /// Registry says the image or tag does not exist (or has no linux/amd64
+    /// entry). `detail` (may be empty) says where we looked or why, e.g.
+    /// `tried 127.0.0.1:5000 (mirror): not found`.
+    #[error("image {reference:?} not found{}", in_parens(.detail))]
+    NotFound { reference: String, detail: String },
     /// Registry refused our credentials (or wants some and we gave none).
     #[error("unauthorized pulling {reference:?}: {reason}")]
     Unauthorized { reference: String, reason: String },
@@ -35,6 +37,13 @@ pub enum ImageError {
 pub type Result<T> = std::result::Result<T, ImageError>;
 
 impl ImageError {
+    pub(crate) fn not_found(reference: impl Into<String>, detail: impl Into<String>) -> Self {
+        ImageError::NotFound {
+            reference: reference.into(),
+            detail: detail.into(),
+        }
+    }
+
     pub(crate) fn store(op: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         ImageError::Store {
             op: op.into(),
@@ -47,6 +56,15 @@ impl ImageError {
             reference: reference.into(),
             reason: reason.to_string(),
         }
+    }
+}
+
+/// `" (detail)"`, or nothing when `detail` is empty.
+fn in_parens(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
     }
 }
 

@@ -95,10 +95,10 @@ fn pick_amd64(shown: &str, index: &Value) -> Result<String> {
             return Ok(d.to_string());
         }
     }
-    Err(ImageError::NotFound(format!(
-        "{shown}: no linux/amd64 image in index (has {})",
-        seen.join(", ")
-    )))
+    Err(ImageError::not_found(
+        shown,
+        format!("no linux/amd64 image in index (has {})", seen.join(", ")),
+    ))
 }
 
 /// `User` from the config -> (uid, username) as containerd's CRI reports it.
@@ -424,7 +424,7 @@ mod tests {
         assert!(is_index(&arm_only));
         assert!(matches!(
             pick_amd64("x", &arm_only),
-            Err(ImageError::NotFound(_))
+            Err(ImageError::NotFound { .. })
         ));
     }
 }

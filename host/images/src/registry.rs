@@ -276,34 +276,53 @@ impl Remote {
 }
 
 /// One error from all endpoint failures: the most telling kind wins, and the
-/// message lists every endpoint tried.
+/// message lists every endpoint tried, each with its own reason (said once:
+/// neither the reference nor the host is repeated).
 fn summarise(shown: &str, failures: Vec<(Endpoint, ImageError)>) -> ImageError {
     let tried: Vec<String> = failures
         .iter()
         .map(|(ep, e)| {
             format!(
-                "{}{}: {e}",
+                "{}{}: {}",
                 ep.host,
-                if ep.mirror { " (mirror)" } else { "" }
+                if ep.mirror { " (mirror)" } else { "" },
+                endpoint_reason(ep, e)
             )
         })
         .collect();
-    let tried = tried.join("; ");
+    let tried = format!("tried {}", tried.join("; "));
     let rank = |e: &ImageError| match e {
         ImageError::Unauthorized { .. } => 3,
         ImageError::DigestMismatch { .. } => 3,
-        ImageError::NotFound(_) => 2,
+        ImageError::NotFound { .. } => 2,
         _ => 1,
     };
     let best = failures.into_iter().map(|(_, e)| e).max_by_key(rank);
     match best {
-        Some(ImageError::NotFound(_)) => ImageError::NotFound(format!("{shown} (tried {tried})")),
+        Some(ImageError::NotFound { .. }) => ImageError::not_found(shown, tried),
         Some(ImageError::Unauthorized { .. }) => ImageError::Unauthorized {
             reference: shown.to_string(),
-            reason: format!("tried {tried}"),
+            reason: tried,
         },
         Some(e @ ImageError::DigestMismatch { .. }) => e,
         _ => ImageError::registry(shown, format!("no endpoint could serve it: {tried}")),
+    }
+}
+
+/// What went wrong at one endpoint, without the reference (the summary
+/// names it) and without the `host: ` prefix [`map_err`] adds.
+fn endpoint_reason(ep: &Endpoint, e: &ImageError) -> String {
+    let strip = |r: &str| {
+        r.strip_prefix(&format!("{}: ", ep.host))
+            .unwrap_or(r)
+            .to_string()
+    };
+    match e {
+        ImageError::NotFound { detail, .. } if detail.is_empty() => "not found".to_string(),
+        ImageError::NotFound { detail, .. } => format!("not found ({detail})"),
+        ImageError::Unauthorized { reason, .. } => format!("unauthorized: {}", strip(reason)),
+        ImageError::Registry { reason, .. } => strip(reason),
+        other => other.to_string(),
     }
 }
 
@@ -313,7 +332,7 @@ pub fn map_err(shown: &str, ep: &Endpoint, e: OciDistributionError) -> ImageErro
         reference: shown.to_string(),
         reason: format!("{}: {reason}", ep.host),
     };
-    let not_found = || ImageError::NotFound(shown.to_string());
+    let not_found = || ImageError::not_found(shown, "");
     match e {
         OciDistributionError::AuthenticationFailure(r) => {
             unauthorized(format!("authentication failed: {r}"))
@@ -408,6 +427,47 @@ mod tests {
         assert!(!endpoints(&c, "quay.io").unwrap()[0].plain_http);
         assert!(endpoints(&cfg(&[("x.io", "ftp://a", false)]), "x.io").is_err());
         assert!(endpoints(&cfg(&[("x.io", "http://a/path", false)]), "x.io").is_err());
+    }
+
+    #[test]
+    fn summary_says_not_found_once_and_lists_endpoints() {
+        let ep = |host: &str, mirror: bool| Endpoint {
+            host: host.into(),
+            plain_http: true,
+            mirror,
+        };
+        let shown = "registry.k8s.io/pause:3.9";
+        let e = summarise(
+            shown,
+            vec![
+                (ep("127.0.0.1:5000", true), ImageError::not_found(shown, "")),
+                (
+                    ep("registry.k8s.io", false),
+                    ImageError::registry(shown, "registry.k8s.io: connection refused"),
+                ),
+            ],
+        );
+        assert!(matches!(e, ImageError::NotFound { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "image \"registry.k8s.io/pause:3.9\" not found (tried 127.0.0.1:5000 (mirror): \
+             not found; registry.k8s.io: connection refused)"
+        );
+        let e = summarise(
+            shown,
+            vec![(
+                ep("127.0.0.1:5000", false),
+                ImageError::Unauthorized {
+                    reference: shown.into(),
+                    reason: "127.0.0.1:5000: 401 Unauthorized at http://x".into(),
+                },
+            )],
+        );
+        assert_eq!(
+            e.to_string(),
+            "unauthorized pulling \"registry.k8s.io/pause:3.9\": tried 127.0.0.1:5000: \
+             unauthorized: 401 Unauthorized at http://x"
+        );
     }
 
     #[test]

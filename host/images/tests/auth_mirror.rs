@@ -135,7 +135,7 @@ async fn registry_k8s_io_through_loopback_mirror_only() {
     // mirror_only the original host is not even in the endpoint list; no DNS
     // lookup or connection to registry.k8s.io is attempted).
     match store.pull("registry.k8s.io/missing:1", None).await {
-        Err(ImageError::NotFound(m)) => {
+        Err(ImageError::NotFound { detail: m, .. }) => {
             assert!(m.contains(&mirror.addr()), "{m}");
             assert!(
                 !m.contains("registry.k8s.io (") && !m.contains("registry.k8s.io:"),
@@ -179,7 +179,7 @@ async fn mirror_only_never_contacts_original_but_fallback_does() {
         store
             .pull(&format!("{}/team/only-original:v1", original.addr()), None)
             .await,
-        Err(ImageError::NotFound(_))
+        Err(ImageError::NotFound { .. })
     ));
     assert!(mirror
         .requests()

@@ -125,7 +125,15 @@ async fn missing_image_is_not_found_and_bad_reference_is_invalid() {
         format!("{}/test/exists@sha256:{}", reg.addr(), "0".repeat(64)),
     ] {
         match store.pull(&r, None).await {
-            Err(ImageError::NotFound(m)) => assert!(m.contains(&reg.addr()), "{m}"),
+            Err(e @ ImageError::NotFound { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains(&reg.addr()), "{m}");
+                assert_eq!(
+                    m.matches("not found").count(),
+                    2,
+                    "said once per level: {m}"
+                );
+            }
             other => panic!("{r}: expected NotFound, got {other:?}"),
         }
     }
@@ -283,7 +291,9 @@ async fn multi_arch_index_resolves_to_amd64() {
         .pull(&format!("{}/test/armonly:v1", reg.addr()), None)
         .await
     {
-        Err(ImageError::NotFound(m)) => assert!(m.contains("linux/arm64"), "{m}"),
+        Err(ImageError::NotFound { detail, .. }) => {
+            assert!(detail.contains("linux/arm64"), "{detail}")
+        }
         other => panic!("{other:?}"),
     }
 }
