@@ -9,9 +9,9 @@ use std::sync::Arc;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
 use tonic::{Request, Response, Status};
-use vmpod_images::{ImageFilter, ImageStore};
+use vmpod_images::{FsUsage, ImageFilter, ImageStore};
 
-use crate::{convert, du, status};
+use crate::{convert, status};
 
 pub struct ImageSvc {
     store: Arc<ImageStore>,
@@ -134,7 +134,7 @@ impl ImageService for ImageSvc {
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let images = self.blocking(|s| s.fs_usage()).await?;
         let dir = self.containers_dir.clone();
-        let containers = tokio::task::spawn_blocking(move || du::usage(&dir))
+        let containers = tokio::task::spawn_blocking(move || FsUsage::measure(&dir))
             .await
             .map_err(status::join_error)?
             .map_err(|e| {

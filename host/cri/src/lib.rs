@@ -7,7 +7,6 @@ pub mod cni;
 pub mod config;
 pub mod convert;
 pub mod daemon;
-mod du;
 pub mod image_service;
 pub mod runtime_service;
 pub mod status;

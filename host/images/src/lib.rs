@@ -27,7 +27,6 @@ pub mod unpack;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use tracing::info;
@@ -126,16 +125,7 @@ impl ImageStore {
 
     /// Bytes (allocated blocks) and inodes used under the store root.
     pub fn fs_usage(&self) -> Result<FsUsage> {
-        let (used_bytes, inodes_used) = unpack::tree_usage(&self.inner.root)
-            .ctx(|| format!("measure {}", self.inner.root.display()))?;
-        Ok(FsUsage {
-            timestamp_ns: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
-                .unwrap_or(0),
-            used_bytes,
-            inodes_used,
-        })
+        FsUsage::measure(&self.inner.root).ctx(|| format!("measure {}", self.inner.root.display()))
     }
 
     /// Counters since open: pulls, joined pulls, blobs and bytes downloaded.

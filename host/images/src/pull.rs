@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use crate::meta::ImageMeta;
 use crate::reference::{validate_digest, ImageRef};
 use crate::registry::Remote;
 use crate::store::{Inner, Protection};
-use crate::types::{Auth, ImageRecord};
+use crate::types::{now_ns, Auth, ImageRecord};
 use crate::unpack;
 
 /// Layers downloaded/unpacked at once (containerd's default is 3).
@@ -276,10 +276,7 @@ async fn pull_inner(
         username,
         diff_ids,
         blobs,
-        pulled_at_ns: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0),
+        pulled_at_ns: now_ns(),
     };
     let inner2 = inner.clone();
     let meta2 = meta.clone();

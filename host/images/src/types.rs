@@ -1,7 +1,8 @@
 //! Plain data types shared with the CRI layer.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Credentials from the CRI `AuthConfig`.
 ///
@@ -64,12 +65,35 @@ pub struct ImageRecord {
     pub layer_dirs: Vec<PathBuf>,
 }
 
-/// Bytes and inodes used by the image store.
+/// Bytes and inodes used by a directory tree (the image store, or the
+/// containers' directory in `ImageFsInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FsUsage {
     pub timestamp_ns: i64,
     pub used_bytes: u64,
     pub inodes_used: u64,
+}
+
+impl FsUsage {
+    /// Measure `root` now, as `du` counts: allocated blocks and inodes,
+    /// symlinks not followed, hard links once. A missing root (or entries
+    /// removed while walking) count as empty. Blocking: walks the tree.
+    pub fn measure(root: &Path) -> std::io::Result<FsUsage> {
+        let (used_bytes, inodes_used) = crate::unpack::tree_usage(root)?;
+        Ok(FsUsage {
+            timestamp_ns: now_ns(),
+            used_bytes,
+            inodes_used,
+        })
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Filter for `list`.
@@ -90,4 +114,23 @@ pub struct PullStats {
     pub blobs_downloaded: u64,
     /// Bytes of those blobs.
     pub bytes_downloaded: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measure_counts_files_dirs_and_hardlinks_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/a"), vec![7u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(d.path().join("sub/a"), d.path().join("b")).unwrap();
+        let u = FsUsage::measure(d.path()).unwrap();
+        assert_eq!(u.inodes_used, 3, "root, sub, one file");
+        assert!(u.used_bytes >= 64 * 1024, "{u:?}");
+        assert!(u.timestamp_ns > 0);
+        let missing = FsUsage::measure(&d.path().join("missing")).unwrap();
+        assert_eq!((missing.inodes_used, missing.used_bytes), (0, 0));
+    }
 }
