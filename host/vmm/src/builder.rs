@@ -228,6 +228,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
                 vcpu_id: id,
                 vcpu_count: config.vcpus,
                 tsc_deadline,
+                no_pv_hypercalls: pvm,
             },
         );
         vcpu.set_cpuid(&cpuid)?;

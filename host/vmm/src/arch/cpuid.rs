@@ -19,6 +19,9 @@ const ECX_TSC_DEADLINE_BIT: u32 = 24;
 const EDX_HTT_BIT: u32 = 28;
 /// Leaf 0x7 subleaf 0 EDX: IA32_ARCH_CAPABILITIES MSR present.
 const LEAF7_EDX_ARCH_CAPABILITIES_BIT: u32 = 29;
+/// Leaf 0x4000_0001 EAX (KVM features) that need hypercalls from the guest:
+/// PV TLB flush (9), PV send-IPI (11), PV sched-yield (13).
+const KVM_FEATURES_HYPERCALL: u32 = (1 << 9) | (1 << 11) | (1 << 13);
 /// Leaf 0x1 EBX: CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
 
@@ -28,6 +31,10 @@ pub struct CpuidParams {
     pub vcpu_id: u8,
     pub vcpu_count: u8,
     pub tsc_deadline: bool,
+    /// Hide the KVM PV features that work through hypercalls (PV IPIs, TLB
+    /// flush, sched yield): hypercalls from an emulated guest kernel do not
+    /// work on PVM hosts, so IPIs must go through the (emulated) LAPIC.
+    pub no_pv_hypercalls: bool,
 }
 
 /// Adjust KVM's supported CPUID for one vCPU, in place.
@@ -101,6 +108,9 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], p: CpuidParams) {
                 // AMD: number of physical cores - 1 and APIC ID size.
                 e.ecx = (e.ecx & !0xf0ff) | (core_shift << 12) | (count - 1);
             }
+            0x4000_0001 if p.no_pv_hypercalls => {
+                e.eax &= !KVM_FEATURES_HYPERCALL;
+            }
             0x8000_001e => {
                 // AMD: extended APIC ID, one thread per core, one node.
                 e.eax = id;
@@ -163,6 +173,7 @@ mod tests {
                 vcpu_id: 1,
                 vcpu_count: 2,
                 tsc_deadline: true,
+                no_pv_hypercalls: false,
             },
         );
         let e = find(&es, 1, 0);
@@ -184,6 +195,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 1,
                 tsc_deadline: false,
+                no_pv_hypercalls: false,
             },
         );
         let e = find(&es, 1, 0);
@@ -201,12 +213,37 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 1,
                 tsc_deadline: false,
+                no_pv_hypercalls: false,
             },
         );
         let e = find(&es, 7, 0);
         assert_eq!(e.edx & (1 << 29), 0);
         assert_ne!(e.edx & (1 << 4), 0, "other bits kept");
         assert_ne!(find(&es, 7, 1).edx & (1 << 29), 0, "subleaf 1 untouched");
+    }
+
+    #[test]
+    fn kvm_hypercall_features_hidden_on_request() {
+        let mut es = vec![entry(0x4000_0001, 0, 0x01ff_ffff, 0, 0, 0)];
+        let p = CpuidParams {
+            vcpu_id: 0,
+            vcpu_count: 2,
+            tsc_deadline: false,
+            no_pv_hypercalls: false,
+        };
+        filter(&mut es, p);
+        assert_eq!(es[0].eax, 0x01ff_ffff, "kept by default");
+        filter(
+            &mut es,
+            CpuidParams {
+                no_pv_hypercalls: true,
+                ..p
+            },
+        );
+        assert_eq!(es[0].eax & (1 << 11), 0, "PV send-IPI");
+        assert_eq!(es[0].eax & (1 << 9), 0, "PV TLB flush");
+        assert_eq!(es[0].eax & (1 << 13), 0, "PV sched yield");
+        assert_ne!(es[0].eax & (1 << 3), 0, "kvmclock kept");
     }
 
     #[test]
@@ -218,6 +255,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 1,
                 tsc_deadline: false,
+                no_pv_hypercalls: false,
             },
         );
         let e = find(&es, 0xa, 0);
@@ -233,6 +271,7 @@ mod tests {
                 vcpu_id: 1,
                 vcpu_count: 2,
                 tsc_deadline: false,
+                no_pv_hypercalls: false,
             },
         );
         let smt = find(&es, 0xb, 0);
@@ -256,6 +295,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 2,
                 tsc_deadline: false,
+                no_pv_hypercalls: false,
             },
         );
         let l1 = find(&es, 4, 0);
