@@ -182,6 +182,41 @@ fn exec_signal_and_wait() {
             "exec sees the container's PID 1: {out}"
         );
 
+        // exec_sync (CRI ExecSync): output and exit; a timeout kills it.
+        let e = ExecSpec {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; exit 5".into(),
+            ],
+            ..Default::default()
+        };
+        let (o, er, st) = c
+            .exec_sync(id, "sync1", &e, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            (o.as_slice(), er.as_slice(), st.exit_code),
+            (&b"out\n"[..], &b"err\n"[..], 5)
+        );
+        let e = ExecSpec {
+            args: vec!["sleep".into(), "100".into()],
+            ..Default::default()
+        };
+        let err = c
+            .exec_sync(id, "sync2", &e, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                vmpod_runtime::agent_client::AgentClientError::Timeout { .. }
+            ),
+            "{err}"
+        );
+        let st = c.wait(id, "sync2").await.unwrap();
+        assert_eq!(st.signal, 9, "timed-out exec is killed");
+
         // exec as another user from the container's /etc/passwd.
         let e = ExecSpec {
             args: vec!["id".into()],

@@ -512,6 +512,40 @@ impl AgentClient {
         }
     }
 
+    /// Run a process in a running container to completion (CRI ExecSync):
+    /// its stdout, stderr and exit. On `timeout` the process is killed and
+    /// a Timeout error returned.
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: &ExecSpec,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>, ExitStatus)> {
+        self.exec(id, exec_id, spec).await?;
+        let run = async {
+            let (out, err) = tokio::join!(
+                self.read_to_end(id, exec_id, OutputStream::Stdout),
+                self.read_to_end(id, exec_id, OutputStream::Stderr)
+            );
+            let st = self
+                .with_timeout(timeout + Duration::from_secs(5))
+                .wait(id, exec_id)
+                .await?;
+            Ok::<_, AgentClientError>((out?, err?, st))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.signal(id, exec_id, 9, false).await;
+                Err(AgentClientError::Timeout {
+                    op: "exec sync",
+                    timeout,
+                })
+            }
+        }
+    }
+
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
         // Chunks of 64 KiB: stay far below the vsock in-flight limit.
         for chunk in data.chunks(64 << 10) {
