@@ -608,6 +608,13 @@ pub trait AgentApi: Send + Sync {
     async fn update_container(&self, id: &str, resources: LinuxResources) -> Result<()>;
     async fn stats(&self, id: &str) -> Result<StatsContainerResponse>;
     async fn exec(&self, id: &str, exec_id: &str, spec: &ExecSpec) -> Result<u32>;
+    async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: &ExecSpec,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>, ExitStatus)>;
     async fn read_chunk(
         &self,
         id: &str,
@@ -661,6 +668,15 @@ impl AgentApi for AgentClient {
     }
     async fn exec(&self, id: &str, exec_id: &str, spec: &ExecSpec) -> Result<u32> {
         AgentClient::exec(self, id, exec_id, spec).await
+    }
+    async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: &ExecSpec,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>, ExitStatus)> {
+        AgentClient::exec_sync(self, id, exec_id, spec, timeout).await
     }
     async fn read_chunk(
         &self,
