@@ -257,10 +257,6 @@ async fn pull_inner(
         return Err(e);
     }
 
-    // Manifests last among the blobs, then make it all durable, then commit.
-    for (d, bytes) in &to_store {
-        inner.content.write_bytes("manifest", d, bytes)?;
-    }
     let (uid, username) = user_of(&config);
     let mut repo_tags = Vec::new();
     if let Some(t) = r.tagged() {
@@ -278,9 +274,14 @@ async fn pull_inner(
         blobs,
         pulled_at_ns: now_ns(),
     };
+    // Manifests last among the blobs, then make it all durable, then
+    // commit; all of it (fsyncs) off the async workers.
     let inner2 = inner.clone();
     let meta2 = meta.clone();
     let dropped = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        for (d, bytes) in &to_store {
+            inner2.content.write_bytes("manifest", d, bytes)?;
+        }
         let t = Instant::now();
         syncfs(&inner2.root)?;
         info!(
@@ -324,7 +325,10 @@ async fn fetch_blob(
     let t = Instant::now();
     let mut w = inner.content.writer(&format!("{what} {digest}"), digest)?;
     remote.blob(digest, &mut w, what, abort).await?;
-    let n = w.commit()?;
+    // Verify, fsync, rename: off the async workers.
+    let n = tokio::task::spawn_blocking(move || w.commit())
+        .await
+        .ctx(|| "blob commit task".into())??;
     inner.stat_blobs.fetch_add(1, Ordering::Relaxed);
     inner.stat_bytes.fetch_add(n, Ordering::Relaxed);
     info!(%what, %digest, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, endpoint = %remote.endpoint.host, "downloaded");
@@ -353,7 +357,7 @@ async fn ensure_unpacked(inner: &Arc<Inner>, blob: &str, diff_id: &str) -> Resul
     let (blob_s, diff_s) = (blob.to_string(), diff_id.to_string());
     let tmp2 = tmp.clone();
     let t = Instant::now();
-    let res = tokio::task::spawn_blocking(move || -> Result<unpack::Unpacked> {
+    let res = match tokio::task::spawn_blocking(move || -> Result<unpack::Unpacked> {
         let u = unpack::unpack_layer(&blob_path, &tmp2)?;
         if u.diff_id != diff_s {
             return Err(ImageError::DigestMismatch {
@@ -366,7 +370,10 @@ async fn ensure_unpacked(inner: &Arc<Inner>, blob: &str, diff_id: &str) -> Resul
         Ok(u)
     })
     .await
-    .ctx(|| "unpack task".into())?;
+    {
+        Ok(res) => res,
+        Err(e) => Err(ImageError::store("unpack task", e)),
+    };
     match res {
         Ok(u) => {
             info!(layer = %diff_id, entries = u.entries, tar_bytes = u.tar_bytes, elapsed_ms = t.elapsed().as_millis() as u64, "unpacked");
