@@ -189,7 +189,13 @@ impl Inner {
             }
         }
         if let Some(p) = as_id_prefix(s) {
-            let hits: Vec<&ImageMeta> = all.iter().filter(|m| m.id[7..].starts_with(p)).collect();
+            let hits: Vec<&ImageMeta> = all
+                .iter()
+                .filter(|m| {
+                    m.id.strip_prefix("sha256:")
+                        .is_some_and(|h| h.starts_with(p))
+                })
+                .collect();
             if hits.len() == 1 {
                 return Ok(Some(hits[0].clone()));
             }
