@@ -367,11 +367,17 @@ pub fn map_err(shown: &str, ep: &Endpoint, e: OciDistributionError) -> ImageErro
             401 | 403 => unauthorized(format!("HTTP {code} at {url}: {message}")),
             _ => ImageError::registry(shown, format!("HTTP {code} at {url}: {message}")),
         },
-        OciDistributionError::DigestError(d) => ImageError::DigestMismatch {
-            what: format!("content of {shown} from {}", ep.host),
-            expected: String::new(),
-            actual: d.to_string(),
-        },
+        // oci-client verifies manifests it fetches by digest.
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            ImageError::DigestMismatch {
+                what: format!("manifest of {shown} from {}", ep.host),
+                expected,
+                actual,
+            }
+        }
+        OciDistributionError::DigestError(d) => {
+            ImageError::registry(shown, format!("{}: bad digest: {d}", ep.host))
+        }
         other => ImageError::registry(shown, format!("{}: {other}", ep.host)),
     }
 }
