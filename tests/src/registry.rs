@@ -122,10 +122,9 @@ impl Registry {
             let _ = child.kill();
             let _ = child.wait();
         }
-        bail!(
-            "docker-registry did not start; log in {}",
-            dir.path().display()
-        )
+        // The temp dir (and the log in it) goes with us: show the log.
+        let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        bail!("docker-registry did not start; its log:\n{log}")
     }
 
     /// `127.0.0.1:PORT`.
