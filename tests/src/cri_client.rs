@@ -252,14 +252,23 @@ impl Drop for Daemon {
 
 /// `vmpod serve` with the socket, state dir and config under `dir`.
 pub fn serve_command(dir: &Path) -> Command {
+    serve_command_with(
+        &dir.join("vmpod.sock"),
+        &dir.join("state"),
+        &dir.join("config.toml"),
+    )
+}
+
+/// `vmpod serve --socket socket --state-dir state_dir --config config`.
+pub fn serve_command_with(socket: &Path, state_dir: &Path, config: &Path) -> Command {
     let mut c = Command::new(crate::vmpod_bin());
     c.arg("serve")
         .arg("--socket")
-        .arg(dir.join("vmpod.sock"))
+        .arg(socket)
         .arg("--state-dir")
-        .arg(dir.join("state"))
+        .arg(state_dir)
         .arg("--config")
-        .arg(dir.join("config.toml"))
+        .arg(config)
         .env_remove("VMPOD_LOG")
         .env("RUST_LOG", "info");
     c

@@ -60,6 +60,21 @@ pub enum Entry {
     Opaque(String),
 }
 
+/// `len` deterministic, incompressible bytes (xorshift64 from `seed`): big
+/// layers for crash and progress tests without shipping data files.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1d ^ seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub blob: Vec<u8>,

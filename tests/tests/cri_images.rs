@@ -4,7 +4,7 @@
 
 use tonic::Code;
 use vmpod_tests::cri_client::{basic_auth, cri, CriClient, Daemon};
-use vmpod_tests::oci_image::{self, Compression, Image, ImageBuilder, Layer, Pusher};
+use vmpod_tests::oci_image::{self, noise, Compression, Image, ImageBuilder, Layer, Pusher};
 use vmpod_tests::registry::{self, BearerProxy, Registry};
 
 /// Print why and return from the test when the host has no registry.
@@ -545,19 +545,6 @@ async fn unreachable_registry_is_unavailable() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(c.list(None).await.unwrap().is_empty());
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use tonic::Code;
-use vmpod_tests::cri_client::{cri, serve_expect_exit, CriClient, Daemon};
+use vmpod_tests::cri_client::{
+    cri, serve_command, serve_command_with, serve_expect_exit, CriClient, Daemon,
+};
 
 /// A config whose CNI dir is an empty temp dir (so NetworkReady is
 /// deterministic whatever the host has in /etc/cni/net.d).
@@ -168,52 +170,21 @@ async fn runtime_config_reports_cgroupfs() {
 async fn unbuilt_rpcs_answer_unimplemented_naming_themselves() {
     let d = Daemon::start("").unwrap();
     let mut c: CriClient = d.client().await.unwrap();
-    let check = |name: &str, r: Result<(), tonic::Status>| {
-        let e = r.expect_err(name);
-        assert_eq!(e.code(), Code::Unimplemented, "{name}: {e:?}");
-        assert!(e.message().contains(name), "{name}: {}", e.message());
-    };
-    check(
-        "RunPodSandbox",
-        c.runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest::default())
-            .await
-            .map(|_| ()),
-    );
-    check(
-        "ListPodSandbox",
-        c.runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-            .await
-            .map(|_| ()),
-    );
-    check(
-        "ListContainers",
-        c.runtime
-            .list_containers(cri::ListContainersRequest::default())
-            .await
-            .map(|_| ()),
-    );
-    check(
-        "ExecSync",
-        c.runtime
-            .exec_sync(cri::ExecSyncRequest::default())
-            .await
-            .map(|_| ()),
-    );
-    check(
-        "UpdateRuntimeConfig",
-        c.runtime
-            .update_runtime_config(cri::UpdateRuntimeConfigRequest::default())
-            .await
-            .map(|_| ()),
-    );
-    check(
-        "GetContainerEvents",
-        c.runtime
-            .get_container_events(cri::GetEventsRequest::default())
-            .await
-            .map(|_| ()),
+    // RPC name, client method, request type.
+    macro_rules! expect_unimplemented {
+        ($($name:literal => $method:ident($req:ty)),+ $(,)?) => {$(
+            let e = c.runtime.$method(<$req>::default()).await.map(|_| ()).expect_err($name);
+            assert_eq!(e.code(), Code::Unimplemented, "{}: {e:?}", $name);
+            assert!(e.message().contains($name), "{}: {}", $name, e.message());
+        )+};
+    }
+    expect_unimplemented!(
+        "RunPodSandbox" => run_pod_sandbox(cri::RunPodSandboxRequest),
+        "ListPodSandbox" => list_pod_sandbox(cri::ListPodSandboxRequest),
+        "ListContainers" => list_containers(cri::ListContainersRequest),
+        "ExecSync" => exec_sync(cri::ExecSyncRequest),
+        "UpdateRuntimeConfig" => update_runtime_config(cri::UpdateRuntimeConfigRequest),
+        "GetContainerEvents" => get_container_events(cri::GetEventsRequest),
     );
     // Still serving.
     c.runtime
@@ -253,9 +224,7 @@ fn unknown_config_key_stops_the_daemon_naming_key_and_file() {
 #[test]
 fn explicit_missing_config_file_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = vmpod_tests::cri_client::serve_command(tmp.path())
-        .output()
-        .unwrap();
+    let out = serve_command(tmp.path()).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.toml"), "{err}");
@@ -290,14 +259,8 @@ async fn a_live_daemon_is_not_displaced_but_a_stale_socket_is_replaced() {
     // Second daemon, same socket, own state dir: refused with a clear error.
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("config.toml"), "").unwrap();
-    let out = std::process::Command::new(vmpod_tests::vmpod_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(first.socket())
-        .arg("--state-dir")
-        .arg(other.path().join("state"))
-        .arg("--config")
-        .arg(other.path().join("config.toml"))
+    let other_config = other.path().join("config.toml");
+    let out = serve_command_with(&first.socket(), &other.path().join("state"), &other_config)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -311,16 +274,13 @@ async fn a_live_daemon_is_not_displaced_but_a_stale_socket_is_replaced() {
         .unwrap();
 
     // Same state dir, other socket: refused (the state is locked).
-    let out = std::process::Command::new(vmpod_tests::vmpod_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(other.path().join("x.sock"))
-        .arg("--state-dir")
-        .arg(first.state_dir())
-        .arg("--config")
-        .arg(other.path().join("config.toml"))
-        .output()
-        .unwrap();
+    let out = serve_command_with(
+        &other.path().join("x.sock"),
+        &first.state_dir(),
+        &other_config,
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use by another vmpod daemon"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vmpod_images::ImageFilter;
-use vmpod_tests::oci_image::{Compression, Entry, ImageBuilder, Layer};
+use vmpod_tests::oci_image::{noise, Compression, Entry, ImageBuilder, Layer};
 
 const CHILD_ENV: &str = "VMPOD_CRASH_CHILD";
 
@@ -33,15 +33,7 @@ async fn crash_child() {
 }
 
 fn big_layer(i: u64) -> Layer {
-    let mut x = 0x2545_f491_4f6c_dd1du64 ^ i;
-    let data: Vec<u8> = (0..(8 << 20) / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = noise(8 << 20, i);
     Layer::new(
         &[Entry::File(format!("big{i}"), data, 0o644)],
         Compression::None,
