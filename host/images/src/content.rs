@@ -103,6 +103,7 @@ pub struct BlobWriter {
     what: String,
     expected: String,
     hasher: Sha256,
+    /// `Some` until the blob is renamed into place.
     file: Option<File>,
     tmp: PathBuf,
     final_path: PathBuf,
@@ -113,9 +114,16 @@ impl BlobWriter {
     pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
-        let f = self.file.as_mut().expect("file open until commit");
-        f.write_all(chunk)
-            .ctx(|| format!("write {}", self.tmp.display()))
+        match self.file.as_mut() {
+            Some(f) => f
+                .write_all(chunk)
+                .ctx(|| format!("write {}", self.tmp.display())),
+            // Unreachable: `commit` consumes the writer.
+            None => Err(ImageError::store(
+                format!("write {}", self.tmp.display()),
+                "blob already committed",
+            )),
+        }
     }
 
     pub fn written(&self) -> u64 {
@@ -131,12 +139,14 @@ impl BlobWriter {
                 actual,
             });
         }
-        let f = self.file.take().expect("file open until commit");
-        f.sync_all()
-            .ctx(|| format!("fsync {}", self.tmp.display()))?;
-        drop(f);
+        if let Some(f) = &self.file {
+            f.sync_all()
+                .ctx(|| format!("fsync {}", self.tmp.display()))?;
+        }
         fs::rename(&self.tmp, &self.final_path)
             .ctx(|| format!("rename into {}", self.final_path.display()))?;
+        // Renamed: the temp path is gone, nothing for `Drop` to remove.
+        self.file = None;
         if let Some(dir) = self.final_path.parent() {
             fsync_dir(dir)?;
         }
@@ -147,7 +157,8 @@ impl BlobWriter {
 impl Drop for BlobWriter {
     fn drop(&mut self) {
         if self.file.is_some() {
-            // Not committed (error or mismatch): leave nothing behind.
+            // Not committed (write error, mismatch, failed fsync or
+            // rename): leave nothing behind.
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -192,5 +203,25 @@ mod tests {
             "temp file left"
         );
         assert_eq!(cs.list().unwrap(), vec![d]);
+    }
+
+    #[test]
+    fn failed_rename_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(dir.path()).unwrap();
+        let d = sha256_digest(b"blocked");
+        // A non-empty directory where the blob should go: rename fails.
+        let target = cs.path(&d).unwrap();
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), b"x").unwrap();
+        assert!(matches!(
+            cs.write_bytes("test", &d, b"blocked"),
+            Err(ImageError::Store { .. })
+        ));
+        assert_eq!(
+            fs::read_dir(cs.tmp_dir()).unwrap().count(),
+            0,
+            "temp file left"
+        );
     }
 }
