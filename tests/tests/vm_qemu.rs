@@ -286,7 +286,38 @@ fn vm_run_cmd(dir: &Path, cmdline: &str, extra: &[&str]) -> Command {
     cmd
 }
 
-fn wait_exit(mut child: Child) -> Output {
+/// A `vmpod vm run` process that is killed if the test fails before it
+/// exits (QEMU and the helpers die with it: parent-death signal).
+struct VmChild(Option<Child>);
+
+impl std::ops::Deref for VmChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("child present")
+    }
+}
+
+impl std::ops::DerefMut for VmChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child present")
+    }
+}
+
+impl Drop for VmChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_vm(mut cmd: Command) -> VmChild {
+    VmChild(Some(cmd.spawn().expect("spawn vmpod vm run")))
+}
+
+fn wait_exit(mut vm: VmChild) -> Output {
+    let mut child = vm.0.take().expect("child present");
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > BOOT_TIMEOUT {
@@ -357,13 +388,11 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
     });
 
     let share_arg = format!("share={}", share.display());
-    let mut child = vm_run_cmd(
+    let mut child = spawn_vm(vm_run_cmd(
         dir.path(),
         "quiet vmpod_test=full",
         &["--share", &share_arg],
-    )
-    .spawn()
-    .unwrap();
+    ));
     let console = dir.path().join("console.log");
     let text = wait_console(&console, "VMPOD-LISTENING 5000", Some(&mut child));
     assert!(text.contains(MARKER));
@@ -418,13 +447,11 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
 fn cli_reports_guest_panic() {
     let dir = tempfile::tempdir().unwrap();
     let exit_json = dir.path().join("exit.json");
-    let child = vm_run_cmd(
+    let child = spawn_vm(vm_run_cmd(
         dir.path(),
         "vmpod_test=panic",
         &["--exit-json", exit_json.to_str().unwrap()],
-    )
-    .spawn()
-    .unwrap();
+    ));
     let out = wait_exit(child);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -449,13 +476,11 @@ fn cli_reports_guest_panic() {
 fn cli_guest_reboot_is_a_clean_exit() {
     let dir = tempfile::tempdir().unwrap();
     let exit_json = dir.path().join("exit.json");
-    let child = vm_run_cmd(
+    let child = spawn_vm(vm_run_cmd(
         dir.path(),
         "vmpod_test=reboot",
         &["--exit-json", exit_json.to_str().unwrap()],
-    )
-    .spawn()
-    .unwrap();
+    ));
     let out = wait_exit(child);
     assert!(
         out.status.success(),
@@ -472,9 +497,7 @@ fn cli_guest_reboot_is_a_clean_exit() {
 #[test]
 fn cli_sigterm_stops_the_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = vm_run_cmd(dir.path(), "vmpod_test=idle", &[])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_vm(vm_run_cmd(dir.path(), "vmpod_test=idle", &[]));
     wait_console(&dir.path().join("console.log"), MARKER, Some(&mut child));
     let helpers = children(child.id());
     assert!(helpers.len() >= 2, "qemu + vhost-device-vsock: {helpers:?}");

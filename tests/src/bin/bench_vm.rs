@@ -499,6 +499,9 @@ fn cpio(root: &Path, out: &Path) -> PathBuf {
 }
 
 fn vmpod_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMPOD_BIN") {
+        return PathBuf::from(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
