@@ -102,8 +102,7 @@ impl Daemon {
                 path: images_root.clone(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-        let listener = bind_socket(&opts.socket)?;
-        let md = std::fs::metadata(&opts.socket).map_err(io("stat", &opts.socket))?;
+        let (listener, socket_id) = bind_socket(&opts.socket)?;
         let config = Arc::new(opts.config);
         tracing::info!(
             socket = %opts.socket.display(),
@@ -113,7 +112,7 @@ impl Daemon {
         );
         Ok(Daemon {
             socket: opts.socket,
-            socket_id: (md.dev(), md.ino()),
+            socket_id,
             listener,
             runtime: RuntimeSvc::new(config),
             images: ImageSvc::new(Arc::new(store), containers_dir),
@@ -209,7 +208,9 @@ fn lock_state_dir(state: &Path) -> Result<Flock<File>, DaemonError> {
 }
 
 /// Bind `path`, replacing a stale socket only when nothing listens on it.
-fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Returns the listener and the socket file's (dev, ino); if it cannot be
+/// set up completely, the file is removed again.
+fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), DaemonError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io("creating socket dir", parent))?;
     }
@@ -229,9 +230,20 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         },
     }
     let listener = UnixListener::bind(path).map_err(io("binding", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(io("chmod 0660", path))?;
-    Ok(listener)
+    let finish = || -> Result<(u64, u64), DaemonError> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io("chmod 0660", path))?;
+        let md = std::fs::symlink_metadata(path).map_err(io("stat", path))?;
+        Ok((md.dev(), md.ino()))
+    };
+    match finish() {
+        Ok(id) => Ok((listener, id)),
+        Err(e) => {
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
 }
 
 /// Remove the socket if it is still the one we bound (a newer daemon may
@@ -271,7 +283,7 @@ mod tests {
     async fn stale_socket_is_replaced_live_one_is_not_and_files_are_kept() {
         let d = tempfile::tempdir().unwrap();
         let sock = d.path().join("run/x.sock");
-        let first = bind_socket(&sock).unwrap();
+        let (first, _) = bind_socket(&sock).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
         // Live listener: refused.
