@@ -177,30 +177,43 @@ impl Rewriter {
     }
 
     /// Decode a header block (updating the client's table) and re-encode it
-    /// statelessly with a valid `:authority`.
+    /// statelessly with a valid `:authority`. `None` if it does not decode
+    /// or decodes to more than [`MAX_BLOCK`] bytes (HPACK lets a small block
+    /// name large table entries many times; we never build that much).
     fn reencode(&mut self, block: &[u8]) -> Option<Vec<u8>> {
-        let headers = self.decoder.decode(block).ok()?;
         let mut out = Vec::with_capacity(block.len() + 16);
-        for (name, value) in &headers {
-            let value: &[u8] = if name == b":authority" && Authority::try_from(&value[..]).is_err()
-            {
-                self.rewritten += 1;
-                tracing::debug!(
-                    authority = %String::from_utf8_lossy(value),
-                    "replacing invalid :authority with localhost"
-                );
-                b"localhost"
-            } else {
-                value
-            };
-            // Literal header field without indexing, new name (RFC 7541 §6.2.2).
-            out.push(0x00);
-            encode_integer_into(name.len(), 7, 0, &mut out).ok()?;
-            out.extend_from_slice(name);
-            encode_integer_into(value.len(), 7, 0, &mut out).ok()?;
-            out.extend_from_slice(value);
-        }
-        Some(out)
+        let mut ok = true;
+        let mut rewritten = 0;
+        self.decoder
+            .decode_with_cb(block, |name, value| {
+                if !ok {
+                    return;
+                }
+                let value: &[u8] =
+                    if &name[..] == b":authority" && Authority::try_from(&value[..]).is_err() {
+                        rewritten += 1;
+                        tracing::debug!(
+                            authority = %String::from_utf8_lossy(&value),
+                            "replacing invalid :authority with localhost"
+                        );
+                        b"localhost"
+                    } else {
+                        &value
+                    };
+                if out.len() + name.len() + value.len() > MAX_BLOCK {
+                    ok = false;
+                    return;
+                }
+                // Literal header field without indexing, new name (RFC 7541 §6.2.2).
+                out.push(0x00);
+                ok &= encode_integer_into(name.len(), 7, 0, &mut out).is_ok();
+                out.extend_from_slice(&name);
+                ok &= encode_integer_into(value.len(), 7, 0, &mut out).is_ok();
+                out.extend_from_slice(value);
+            })
+            .ok()?;
+        self.rewritten += rewritten;
+        ok.then_some(out)
     }
 }
 

@@ -161,3 +161,28 @@ fn non_http2_and_garbage_pass_through_unchanged() {
     rw.feed(&bytes, &mut out);
     assert_eq!(out, bytes);
 }
+
+#[test]
+fn header_block_that_decodes_huge_passes_through_unexpanded() {
+    // One ~4 KB header added to the dynamic table (literal with incremental
+    // indexing, new name), then referenced by index 62 a thousand times:
+    // a ~5 KB block that decodes to ~4 MB. We must not build that.
+    let value = vec![b'v'; 4000];
+    let mut block = vec![0x40];
+    encode_integer_into(5, 7, 0, &mut block).unwrap();
+    block.extend_from_slice(b"x-big");
+    encode_integer_into(value.len(), 7, 0, &mut block).unwrap();
+    block.extend_from_slice(&value);
+    block.extend(std::iter::repeat_n(0x80 | 62, 1000));
+    let mut bytes = PREFACE.to_vec();
+    for (i, c) in block.chunks(MAX_FRAME).enumerate() {
+        let last = (i + 1) * MAX_FRAME >= block.len();
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        bytes.extend(frame(kind, if last { END_HEADERS } else { 0 }, 1, c));
+    }
+    let mut rw = Rewriter::default();
+    let mut out = Vec::new();
+    rw.feed(&bytes, &mut out);
+    assert_eq!(out, bytes, "original bytes, for h2 to judge");
+    assert_eq!(rw.rewritten(), 0);
+}
