@@ -56,17 +56,20 @@ impl ImageStore {
     }
 
     /// Pull `reference` (tag, digest or short name); returns the stored image.
-    /// Concurrent pulls of the same reference share one download (the pull
-    /// runs in its own task, so it completes even if the caller goes away).
+    /// Concurrent pulls of the same reference with the same credentials
+    /// share one pull (the pull runs in its own task, so it completes even
+    /// if the caller goes away). With other credentials a pull runs on its
+    /// own, so one caller's wrong or missing credentials never decide
+    /// another's result; blobs are still downloaded once (per-digest locks).
     /// Must be called within a tokio runtime.
     pub async fn pull(&self, reference: &str, auth: Option<Auth>) -> Result<ImageRecord> {
         let r = ImageRef::parse(reference)?;
-        let key = r.to_string();
+        let key = (r.to_string(), auth.clone());
         let fut = {
             let mut pulls = self.inner.pulls.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(f) = pulls.get(&key) {
                 self.inner.stat_joined.fetch_add(1, Ordering::Relaxed);
-                info!(image = %key, "joining pull already in progress");
+                info!(image = %key.0, "joining pull already in progress");
                 f.clone()
             } else {
                 let inner = self.inner.clone();

@@ -20,7 +20,7 @@ use crate::content::ContentStore;
 use crate::error::{Result, StoreContext};
 use crate::meta::{ImageMeta, MetaStore};
 use crate::reference::{as_id_prefix, ImageRef};
-use crate::types::{ImageRecord, PullStats, RegistryConfig};
+use crate::types::{Auth, ImageRecord, PullStats, RegistryConfig};
 
 pub(crate) type PullFuture = Shared<BoxFuture<'static, Result<ImageRecord>>>;
 
@@ -30,8 +30,8 @@ pub(crate) struct Inner {
     pub content: ContentStore,
     pub layers: PathBuf,
     pub meta: MetaStore,
-    /// Normalised reference -> the pull in progress for it.
-    pub pulls: Mutex<HashMap<String, PullFuture>>,
+    /// (Normalised reference, credentials) -> the pull in progress for it.
+    pub pulls: Mutex<HashMap<(String, Option<Auth>), PullFuture>>,
     /// Blob digests / diff IDs a running pull relies on (refcounted); GC
     /// keeps them.
     protect: Mutex<HashMap<String, usize>>,

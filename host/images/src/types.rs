@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// basic auth and for the bearer-token realm; `registry_token` is sent as a
 /// ready bearer token. `identity_token` (an OAuth2 refresh token) is not
 /// supported yet and is ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Auth {
     pub username: String,
     pub password: String,

@@ -57,6 +57,41 @@ async fn basic_auth_required_then_given() {
     assert_eq!(rec.repo_tags, vec![r]);
 }
 
+/// Two pulls of one image at once, one with wrong credentials: each gets
+/// its own answer (the right one is not failed by the other's 401).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pulls_with_other_credentials_do_not_share_a_result() {
+    if registry().is_none() {
+        return;
+    }
+    let reg = Registry::start_with_htpasswd("alice", "s3cret").unwrap();
+    let img = image_with("creds", Compression::Gzip);
+    push(&reg, "private/creds", "v1", &img).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = format!("{}/private/creds:v1", reg.addr());
+    // Both start before either finishes: the first registers its pull, the
+    // second finds it in progress.
+    let (wrong, right) = tokio::join!(
+        store.pull(&r, basic("alice", "wrong")),
+        store.pull(&r, basic("alice", "s3cret")),
+    );
+    assert!(
+        matches!(wrong, Err(ImageError::Unauthorized { .. })),
+        "{wrong:?}"
+    );
+    assert_eq!(right.unwrap().id, img.config_digest);
+    assert_eq!(store.stats().joined, 0, "different credentials never join");
+    // Same credentials still join.
+    store.remove(&r).unwrap();
+    let (a, b) = tokio::join!(
+        store.pull(&r, basic("alice", "s3cret")),
+        store.pull(&r, basic("alice", "s3cret")),
+    );
+    assert_eq!(a.unwrap().id, b.unwrap().id);
+    assert_eq!(store.stats().joined, 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_token_flow() {
     let Some(reg) = registry() else { return };
