@@ -3,7 +3,9 @@
 //! async locks, and garbage collection.
 //!
 //! Locking: every `std::sync::Mutex` here guards a small map and is never
-//! held across I/O that waits on the network. Per-blob / per-layer work is
+//! held across network I/O or an `.await`. The one held across disk work is
+//! the protection lock during [`Inner::gc`]: one metadata read and the
+//! renames into `trash/`; listing and deleting happen outside it. Per-blob / per-layer work is
 //! serialised with a per-key `tokio::sync::Mutex`, so two pulls that share a
 //! layer download and unpack it once.
 
@@ -17,7 +19,7 @@ use futures_util::future::{BoxFuture, Shared};
 use tracing::{debug, info};
 
 use crate::content::ContentStore;
-use crate::error::{Result, StoreContext};
+use crate::error::{ImageError, Result, StoreContext};
 use crate::meta::{ImageMeta, MetaStore};
 use crate::reference::{as_id_prefix, ImageRef};
 use crate::types::{Auth, ImageRecord, PullStats, RegistryConfig};
@@ -204,52 +206,65 @@ impl Inner {
     }
 
     /// Delete blobs and layer directories no image references and no running
-    /// pull protects. Victims are renamed into `trash/` under the protection
-    /// lock (cheap) and deleted after it is released.
+    /// pull protects. The store is listed before taking the protection lock
+    /// (what appears later is no candidate this round); under the lock the
+    /// metadata is read (it must be: a pull commits its record and only then
+    /// drops its protection) and victims are renamed into `trash/` (cheap);
+    /// they are deleted after the lock is released.
     pub fn gc(&self) -> Result<()> {
         static RUN: AtomicU64 = AtomicU64::new(0);
         let trash = self
             .root
             .join("trash")
             .join(RUN.fetch_add(1, Ordering::Relaxed).to_string());
+        let mut candidates: Vec<(String, PathBuf)> = Vec::new();
+        for d in self.content.list()? {
+            let p = self.content.path(&d)?;
+            candidates.push((d, p));
+        }
+        for e in fs::read_dir(&self.layers).ctx(|| format!("list {}", self.layers.display()))? {
+            let e = e.ctx(|| "list layers".into())?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // an unpack in progress
+            }
+            candidates.push((format!("sha256:{name}"), e.path()));
+        }
         let mut moved = 0usize;
         {
             let protect = self.protect.lock().unwrap_or_else(|e| e.into_inner());
-            let metas = self.meta.all()?;
             let mut keep: HashSet<String> = HashSet::new();
-            for m in &metas {
-                keep.extend(m.blobs.iter().cloned());
-                keep.extend(m.diff_ids.iter().cloned());
+            for m in self.meta.all()? {
+                keep.extend(m.blobs);
+                keep.extend(m.diff_ids);
             }
-            let mut victims: Vec<PathBuf> = Vec::new();
-            for d in self.content.list()? {
-                if !keep.contains(&d) && !protect.contains_key(&d) {
-                    victims.push(self.content.path(&d)?);
+            for (key, path) in candidates {
+                if keep.contains(&key) || protect.contains_key(&key) {
+                    continue;
                 }
-            }
-            for e in fs::read_dir(&self.layers).ctx(|| format!("list {}", self.layers.display()))? {
-                let e = e.ctx(|| "list layers".into())?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
-                    continue; // an unpack in progress
+                if moved == 0 {
+                    fs::create_dir_all(&trash).ctx(|| format!("create {}", trash.display()))?;
                 }
-                let id = format!("sha256:{name}");
-                if !keep.contains(&id) && !protect.contains_key(&id) {
-                    victims.push(e.path());
-                }
-            }
-            if !victims.is_empty() {
-                fs::create_dir_all(&trash).ctx(|| format!("create {}", trash.display()))?;
-            }
-            for v in victims {
                 let dst = trash.join(format!("{moved}"));
-                fs::rename(&v, &dst).ctx(|| format!("move {} to trash", v.display()))?;
-                debug!(path = %v.display(), "garbage collected");
+                match fs::rename(&path, &dst) {
+                    Ok(()) => {}
+                    // Collected by a concurrent gc since we listed it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(ImageError::store(
+                            format!("move {} to trash", path.display()),
+                            e,
+                        ))
+                    }
+                }
+                debug!(path = %path.display(), "garbage collected");
                 moved += 1;
             }
         }
-        if moved > 0 {
+        if trash.exists() {
             fs::remove_dir_all(&trash).ctx(|| format!("delete {}", trash.display()))?;
+        }
+        if moved > 0 {
             info!(items = moved, "image store garbage collected");
         }
         Ok(())
