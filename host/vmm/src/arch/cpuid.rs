@@ -20,8 +20,9 @@ const EDX_HTT_BIT: u32 = 28;
 /// Leaf 0x7 subleaf 0 EDX: IA32_ARCH_CAPABILITIES MSR present.
 const LEAF7_EDX_ARCH_CAPABILITIES_BIT: u32 = 29;
 /// Leaf 0x4000_0001 EAX (KVM features) that need hypercalls from the guest:
-/// PV TLB flush (9), PV send-IPI (11), PV sched-yield (13).
-const KVM_FEATURES_HYPERCALL: u32 = (1 << 9) | (1 << 11) | (1 << 13);
+/// PV unhalt (7: PV spinlock waiters are woken by KVM_HC_KICK_CPU), PV TLB
+/// flush (9), PV send-IPI (11), PV sched-yield (13).
+const KVM_FEATURES_HYPERCALL: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
 /// Leaf 0x1 EBX: CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
 
@@ -31,9 +32,10 @@ pub struct CpuidParams {
     pub vcpu_id: u8,
     pub vcpu_count: u8,
     pub tsc_deadline: bool,
-    /// Hide the KVM PV features that work through hypercalls (PV IPIs, TLB
-    /// flush, sched yield): hypercalls from an emulated guest kernel do not
-    /// work on PVM hosts, so IPIs must go through the (emulated) LAPIC.
+    /// Hide the KVM PV features that work through hypercalls (PV IPIs, PV
+    /// spinlock kicks, TLB flush, sched yield): hypercalls from an emulated
+    /// guest kernel do not work on PVM hosts, so IPIs must go through the
+    /// (emulated) LAPIC and spinlock waiters must not halt for a kick.
     pub no_pv_hypercalls: bool,
 }
 
@@ -243,6 +245,7 @@ mod tests {
         assert_eq!(es[0].eax & (1 << 11), 0, "PV send-IPI");
         assert_eq!(es[0].eax & (1 << 9), 0, "PV TLB flush");
         assert_eq!(es[0].eax & (1 << 13), 0, "PV sched yield");
+        assert_eq!(es[0].eax & (1 << 7), 0, "PV unhalt (PV spinlocks)");
         assert_ne!(es[0].eax & (1 << 3), 0, "kvmclock kept");
     }
 
