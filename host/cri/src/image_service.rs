@@ -40,6 +40,11 @@ impl ImageSvc {
     }
 }
 
+/// The request's `image.image`, trimmed; `InvalidArgument` if absent or blank.
+fn required_image(spec: Option<&cri::ImageSpec>) -> Result<String, Status> {
+    convert::image_name(spec).ok_or_else(|| status::missing("image.image"))
+}
+
 #[tonic::async_trait]
 impl ImageService for ImageSvc {
     async fn list_images(
@@ -79,8 +84,7 @@ impl ImageService for ImageSvc {
         req: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let req = req.into_inner();
-        let name = convert::image_name(req.image.as_ref())
-            .ok_or_else(|| status::missing("image.image"))?;
+        let name = required_image(req.image.as_ref())?;
         tracing::debug!(image = %name, "image status");
         // Absent → empty response (CRI), not an error.
         let Some(record) = self.blocking(move |s| s.status(&name)).await? else {
@@ -102,8 +106,7 @@ impl ImageService for ImageSvc {
         req: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
         let req = req.into_inner();
-        let name = convert::image_name(req.image.as_ref())
-            .ok_or_else(|| status::missing("image.image"))?;
+        let name = required_image(req.image.as_ref())?;
         let auth = convert::auth(req.auth);
         tracing::info!(image = %name, with_auth = auth.is_some(), "pulling image");
         let record = self.store.pull(&name, auth).await.map_err(|e| {
@@ -120,8 +123,7 @@ impl ImageService for ImageSvc {
         &self,
         req: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
-        let name = convert::image_name(req.into_inner().image.as_ref())
-            .ok_or_else(|| status::missing("image.image"))?;
+        let name = required_image(req.into_inner().image.as_ref())?;
         tracing::info!(image = %name, "removing image");
         // Absent → Ok (CRI: idempotent); the store implements that.
         self.blocking(move |s| s.remove(&name)).await?;
