@@ -7,6 +7,7 @@
 //! | `Unauthorized`      | `Unauthenticated`  | registry refused (missing or wrong) credentials |
 //! | `DigestMismatch`    | `DataLoss`         | content does not match its digest; nothing stored |
 //! | `InUse`             | `FailedPrecondition` | remove the users first |
+//! | `Unsupported`       | `FailedPrecondition` | the image is malformed or uses what we don't support; retrying won't help |
 //! | `Registry`          | `Unavailable`      | registry unreachable or answered with an error; retryable |
 //! | `Store`             | `Internal`         | our disk/metadata failed |
 //! | `Unimplemented`     | `Unimplemented`    | |
@@ -26,6 +27,7 @@ pub fn image_error(e: ImageError) -> Status {
         ImageError::Unauthorized { .. } => Code::Unauthenticated,
         ImageError::DigestMismatch { .. } => Code::DataLoss,
         ImageError::InUse(_) => Code::FailedPrecondition,
+        ImageError::Unsupported { .. } => Code::FailedPrecondition,
         ImageError::Registry { .. } => Code::Unavailable,
         ImageError::Store { .. } => Code::Internal,
         ImageError::Unimplemented(_) => Code::Unimplemented,
@@ -88,6 +90,13 @@ mod tests {
                 Code::DataLoss,
             ),
             (ImageError::InUse("x".into()), Code::FailedPrecondition),
+            (
+                ImageError::Unsupported {
+                    reference: "x".into(),
+                    reason: "layer media type".into(),
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 ImageError::Registry {
                     reference: "x".into(),

@@ -23,8 +23,13 @@ pub enum ImageError {
     /// The image is in use and cannot be removed (later: by containers).
     #[error("image {0} is in use")]
     InUse(String),
-    /// Any other registry or transport failure (connection refused, bad
-    /// manifest, unsupported media type, no linux/amd64 entry...).
+    /// The registry served an image we cannot use: malformed or unsupported
+    /// manifest, index or config, unknown layer media type, bad digests in
+    /// it. Retrying will not help until the image changes.
+    #[error("unsupported image {reference:?}: {reason}")]
+    Unsupported { reference: String, reason: String },
+    /// Any other registry or transport failure (connection refused, HTTP
+    /// errors, a pull aborted because another layer failed...).
     #[error("registry error for {reference:?}: {reason}")]
     Registry { reference: String, reason: String },
     /// Local storage failure (disk, metadata database, unpack).
@@ -47,6 +52,16 @@ impl ImageError {
     pub(crate) fn store(op: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         ImageError::Store {
             op: op.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn unsupported(
+        reference: impl Into<String>,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        ImageError::Unsupported {
+            reference: reference.into(),
             reason: reason.to_string(),
         }
     }

@@ -77,7 +77,7 @@ fn pick_amd64(shown: &str, index: &Value) -> Result<String> {
     let entries = index
         .get("manifests")
         .and_then(Value::as_array)
-        .ok_or_else(|| ImageError::registry(shown, "index without manifests"))?;
+        .ok_or_else(|| ImageError::unsupported(shown, "index without manifests"))?;
     let mut seen = Vec::new();
     for e in entries {
         let os = e
@@ -91,7 +91,7 @@ fn pick_amd64(shown: &str, index: &Value) -> Result<String> {
         seen.push(format!("{os}/{arch}"));
         if os == "linux" && arch == "amd64" {
             let d = e.get("digest").and_then(Value::as_str).unwrap_or_default();
-            validate_digest(d).map_err(|m| ImageError::registry(shown, m))?;
+            validate_digest(d).map_err(|m| ImageError::unsupported(shown, m))?;
             return Ok(d.to_string());
         }
     }
@@ -142,7 +142,7 @@ async fn pull_inner(
         verify(format!("manifest of {shown}"), want, &top)?;
     }
     let top_json: Value = serde_json::from_slice(&top)
-        .map_err(|e| ImageError::registry(&shown, format!("manifest is not JSON: {e}")))?;
+        .map_err(|e| ImageError::unsupported(&shown, format!("manifest is not JSON: {e}")))?;
     let mut blobs = vec![top_digest.clone()];
     let mut to_store = vec![(top_digest.clone(), top.clone())];
     let (manifest_digest, manifest_bytes) = if is_index(&top_json) {
@@ -157,12 +157,12 @@ async fn pull_inner(
         (top_digest.clone(), top)
     };
     let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| ImageError::registry(&shown, format!("unsupported manifest: {e}")))?;
+        .map_err(|e| ImageError::unsupported(&shown, format!("cannot read the manifest: {e}")))?;
     if manifest.schema_version != 2 {
-        return Err(ImageError::registry(
+        return Err(ImageError::unsupported(
             &shown,
             format!(
-                "unsupported manifest schema version {}",
+                "manifest schema version {} (only 2 is supported)",
                 manifest.schema_version
             ),
         ));
@@ -173,7 +173,7 @@ async fn pull_inner(
 
     // Config.
     let config_digest = manifest.config.digest.clone();
-    validate_digest(&config_digest).map_err(|m| ImageError::registry(&shown, m))?;
+    validate_digest(&config_digest).map_err(|m| ImageError::unsupported(&shown, m))?;
     prot.add(&config_digest);
     fetch_blob(
         inner,
@@ -185,7 +185,7 @@ async fn pull_inner(
     .await?;
     let config_bytes = inner.content.read(&config_digest)?;
     let config: Value = serde_json::from_slice(&config_bytes)
-        .map_err(|e| ImageError::registry(&shown, format!("image config is not JSON: {e}")))?;
+        .map_err(|e| ImageError::unsupported(&shown, format!("image config is not JSON: {e}")))?;
     let diff_ids: Vec<String> = config
         .pointer("/rootfs/diff_ids")
         .and_then(Value::as_array)
@@ -196,7 +196,7 @@ async fn pull_inner(
         })
         .unwrap_or_default();
     if diff_ids.len() != manifest.layers.len() {
-        return Err(ImageError::registry(
+        return Err(ImageError::unsupported(
             &shown,
             format!(
                 "config lists {} diff IDs but the manifest has {} layers",
@@ -214,13 +214,13 @@ async fn pull_inner(
     let n_layers = manifest.layers.len();
     for (i, (layer, diff_id)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
         if !LAYER_TYPES.contains(&layer.media_type.as_str()) {
-            return Err(ImageError::registry(
+            return Err(ImageError::unsupported(
                 &shown,
-                format!("layer {i} has unsupported media type {}", layer.media_type),
+                format!("layer {} has media type {}", i + 1, layer.media_type),
             ));
         }
-        validate_digest(&layer.digest).map_err(|m| ImageError::registry(&shown, m))?;
-        validate_digest(diff_id).map_err(|m| ImageError::registry(&shown, m))?;
+        validate_digest(&layer.digest).map_err(|m| ImageError::unsupported(&shown, m))?;
+        validate_digest(diff_id).map_err(|m| ImageError::unsupported(&shown, m))?;
         prot.add(&layer.digest);
         prot.add(diff_id);
         size += layer.size.max(0) as u64;

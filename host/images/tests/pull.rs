@@ -413,3 +413,35 @@ async fn reopened_store_lists_pulled_images_and_drops_crash_leftovers() {
     store.pull(&r, None).await.unwrap();
     assert_eq!(store.stats().blobs_downloaded, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsupported_layer_media_type_is_refused_and_nothing_stored() {
+    let Some(reg) = registry() else { return };
+    let mut odd = Layer::new(
+        &[Entry::File("x".into(), b"x".to_vec(), 0o644)],
+        Compression::Gzip,
+    );
+    odd.media_type = "application/vnd.example.layer.v1.tar+encrypted".into();
+    let img = ImageBuilder::new()
+        .layer(Layer::busybox(Compression::Gzip).unwrap())
+        .layer(odd)
+        .build();
+    push(&reg, "test/odd", "v1", &img).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    match store
+        .pull(&format!("{}/test/odd:v1", reg.addr()), None)
+        .await
+    {
+        Err(ImageError::Unsupported { reason, .. }) => assert!(
+            reason
+                .contains("layer 2 has media type application/vnd.example.layer.v1.tar+encrypted"),
+            "{reason}"
+        ),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    assert!(store.list(&ImageFilter::default()).unwrap().is_empty());
+    let root = dir.path().join("images");
+    assert_eq!(count_files(&root.join("blobs")), 0, "no blob kept");
+    assert_eq!(dir_entries(&root.join("layers")), 0, "no layer kept");
+}
