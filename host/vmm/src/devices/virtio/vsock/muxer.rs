@@ -30,6 +30,9 @@ const MAX_CONNECT_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECTIONS: usize = 1024;
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Most RSTs for unmatched packets kept waiting for RX buffers: a guest
+/// that sends garbage but never posts RX buffers must not grow our memory.
+pub const MAX_ORPHAN_RSTS: usize = 256;
 
 type Key = (u32, u32); // (local/host port, peer/guest port)
 
@@ -50,6 +53,7 @@ pub struct Muxer {
     host_connects: u64,
     guest_connects: u64,
     resets_from_guest: u64,
+    rsts_dropped: u64,
 }
 
 impl Muxer {
@@ -90,6 +94,7 @@ impl Muxer {
             host_connects: 0,
             guest_connects: 0,
             resets_from_guest: 0,
+            rsts_dropped: 0,
         })
     }
 
@@ -99,10 +104,11 @@ impl Muxer {
 
     pub fn stats(&self) -> String {
         format!(
-            "host_connects={} guest_connects={} resets_from_guest={} open={}",
+            "host_connects={} guest_connects={} resets_from_guest={} rsts_dropped={} open={}",
             self.host_connects,
             self.guest_connects,
             self.resets_from_guest,
+            self.rsts_dropped,
             self.conns.len()
         )
     }
@@ -161,6 +167,17 @@ impl Muxer {
         }
     }
 
+    /// Queue an RST answering `hdr` (dropped once MAX_ORPHAN_RSTS wait:
+    /// the guest then just sees no answer, as for a lost packet).
+    fn queue_rst(&mut self, hdr: &Header) {
+        if self.orphan_rx.len() >= MAX_ORPHAN_RSTS {
+            self.rsts_dropped += 1;
+            return;
+        }
+        let rst = self.rst_for(hdr);
+        self.orphan_rx.push_back(rst);
+    }
+
     /// A packet from the guest's TX queue.
     pub fn on_guest_packet(&mut self, pkt: TxPacket) {
         let hdr = pkt.hdr;
@@ -170,7 +187,7 @@ impl Muxer {
         }
         if hdr.type_ != TYPE_STREAM {
             if hdr.op != OP_RST {
-                self.orphan_rx.push_back(self.rst_for(&hdr));
+                self.queue_rst(&hdr);
             }
             return;
         }
@@ -193,26 +210,26 @@ impl Muxer {
         match hdr.op {
             OP_REQUEST => self.guest_connect(&hdr),
             OP_RST => {}
-            _ => self.orphan_rx.push_back(self.rst_for(&hdr)),
+            _ => self.queue_rst(&hdr),
         }
     }
 
     fn guest_connect(&mut self, hdr: &Header) {
         let path = format!("{}_{}", self.uds.display(), hdr.dst_port);
         if self.conns.len() >= MAX_CONNECTIONS {
-            self.orphan_rx.push_back(self.rst_for(hdr));
+            self.queue_rst(hdr);
             return;
         }
         let stream = match UnixStream::connect(&path) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(path, error = %e, "vsock: guest connect refused");
-                self.orphan_rx.push_back(self.rst_for(hdr));
+                self.queue_rst(hdr);
                 return;
             }
         };
         if stream.set_nonblocking(true).is_err() {
-            self.orphan_rx.push_back(self.rst_for(hdr));
+            self.queue_rst(hdr);
             return;
         }
         self.guest_connects += 1;
@@ -352,7 +369,9 @@ impl Muxer {
                 Err(e) => break Err(e.to_string()),
             }
         };
-        let (stream, _, _) = self.pending.remove(&fd).expect("present");
+        let Some((stream, _, _)) = self.pending.remove(&fd) else {
+            return; // looked up just above
+        };
         match outcome {
             Ok(port) if self.conns.len() < MAX_CONNECTIONS => {
                 self.host_connects += 1;

@@ -455,3 +455,35 @@ fn device_reset_drops_connections() {
     assert_eq!(s.read(&mut buf).unwrap(), 0);
     assert_eq!(rig.dev.muxer().connection_count(), 0);
 }
+
+#[test]
+fn rsts_for_a_guest_that_posts_no_rx_buffers_are_bounded() {
+    use super::muxer::{Muxer, MAX_ORPHAN_RSTS};
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+    // Garbage to ports nobody listens on, far more than the cap.
+    for i in 0..(MAX_ORPHAN_RSTS as u32 * 4) {
+        m.on_guest_packet(TxPacket {
+            hdr: guest_hdr(42, 5000 + i, 6000, 0),
+            data: Vec::new(),
+        });
+    }
+    let mut rsts = Vec::new();
+    while let Some((h, d)) = m.next_rx(4096) {
+        assert!(d.is_empty());
+        rsts.push(h);
+    }
+    assert_eq!(rsts.len(), MAX_ORPHAN_RSTS);
+    assert!(rsts.iter().all(|h| h.op == OP_RST));
+    // The oldest are kept, in order.
+    assert_eq!((rsts[0].dst_port, rsts[1].dst_port), (5000, 5001));
+    assert!(m
+        .stats()
+        .contains(&format!("rsts_dropped={}", MAX_ORPHAN_RSTS * 3)));
+    // Once drained, new garbage is answered again.
+    m.on_guest_packet(TxPacket {
+        hdr: guest_hdr(42, 7000, 6000, 0),
+        data: Vec::new(),
+    });
+    assert_eq!(m.next_rx(4096).map(|(h, _)| h.dst_port), Some(7000));
+}
