@@ -255,6 +255,26 @@ fn exec_signal_and_wait() {
         let err = c.exec(id, "e4", &e).await.unwrap_err().to_string();
         assert!(err.contains("ghost"), "{err}");
 
+        // Two concurrent execs with one id: exactly one runs, the other is
+        // AlreadyExists (both used to pass the id check during the launch).
+        let e = ExecSpec {
+            args: vec!["sh".into(), "-c".into(), "echo dup".into()],
+            ..Default::default()
+        };
+        let (a, b) = tokio::join!(c.exec(id, "dup", &e), c.exec(id, "dup", &e));
+        let errs: Vec<String> = [&a, &b]
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert_eq!(errs.len(), 1, "one of two same-id execs fails: {a:?} {b:?}");
+        assert!(errs[0].contains("already exists"), "{}", errs[0]);
+        let out = c
+            .read_to_end(id, "dup", OutputStream::Stdout)
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "dup\n");
+        assert_eq!(c.wait(id, "dup").await.unwrap().exit_code, 0);
+
         // SIGTERM reaches the trap; wait reports the exit.
         c.signal(id, "", 15, false).await.unwrap();
         let st = c.wait(id, "").await.unwrap();

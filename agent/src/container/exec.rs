@@ -88,10 +88,20 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
                 what: what.clone(),
             },
         )?;
-        c2.execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(exec_id, p.clone());
+        {
+            // Checked above too, but a concurrent exec with the same id may
+            // have launched meanwhile: the check and the insert are one step
+            // here, and the loser's staged child is dropped (it exits).
+            let mut execs = c2.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if execs.contains_key(&exec_id) {
+                drop(execs);
+                p.abandon();
+                return Err(AgentError::AlreadyExists(format!(
+                    "{what}: exec id already exists"
+                )));
+            }
+            execs.insert(exec_id, p.clone());
+        }
         if let Err(e) = p.start(&what) {
             c2.execs
                 .lock()
