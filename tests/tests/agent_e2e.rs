@@ -275,6 +275,38 @@ fn exec_signal_and_wait() {
         assert_eq!(String::from_utf8_lossy(&out), "dup\n");
         assert_eq!(c.wait(id, "dup").await.unwrap().exit_code, 0);
 
+        // Output beyond the caller's limit is an error, not host memory.
+        let e = ExecSpec {
+            args: vec![
+                "head".into(),
+                "-c".into(),
+                "200000".into(),
+                "/dev/zero".into(),
+            ],
+            ..Default::default()
+        };
+        c.exec(id, "big", &e).await.unwrap();
+        let err = c
+            .read_to_end_max(id, "big", OutputStream::Stdout, 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                vmpod_runtime::agent_client::AgentClientError::OutputTooLarge { limit: 1000, .. }
+            ),
+            "{err}"
+        );
+        let rest = c
+            .read_to_end(id, "big", OutputStream::Stdout)
+            .await
+            .unwrap();
+        assert!(
+            rest.len() < 200000,
+            "the first chunk was consumed by the failed read"
+        );
+        assert_eq!(c.wait(id, "big").await.unwrap().exit_code, 0);
+
         // SIGTERM reaches the trap; wait reports the exit.
         c.signal(id, "", 15, false).await.unwrap();
         let st = c.wait(id, "").await.unwrap();

@@ -26,6 +26,9 @@ pub use vmpod_proto::AGENT_VSOCK_PORT;
 
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most stdout (and, separately, stderr) bytes [`AgentClient::exec_sync`]
+/// collects.
+pub const MAX_EXEC_SYNC_OUTPUT: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentClientError {
@@ -51,6 +54,12 @@ pub enum AgentClientError {
     Transport { op: &'static str, message: String },
     #[error("agent {op} timed out after {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },
+    #[error("{op}: {stream:?} output exceeds {limit} bytes")]
+    OutputTooLarge {
+        op: &'static str,
+        stream: OutputStream,
+        limit: usize,
+    },
     #[error("agent not reachable on {path} within {waited:?}: {last}")]
     NotReady {
         path: PathBuf,
@@ -500,11 +509,31 @@ impl AgentClient {
         exec_id: &str,
         stream: OutputStream,
     ) -> Result<Vec<u8>> {
+        self.read_to_end_max(id, exec_id, stream, usize::MAX).await
+    }
+
+    /// Like [`read_to_end`](Self::read_to_end), but an OutputTooLarge error
+    /// once more than `limit` bytes arrived (the guest decides how much a
+    /// process writes; the host must not buffer without bound).
+    pub async fn read_to_end_max(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: OutputStream,
+        limit: usize,
+    ) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         loop {
             let (d, eof) = self
                 .read_chunk(id, exec_id, stream, Duration::from_secs(5))
                 .await?;
+            if d.len() > limit.saturating_sub(out.len()) {
+                return Err(AgentClientError::OutputTooLarge {
+                    op: "read output",
+                    stream,
+                    limit,
+                });
+            }
             out.extend(d);
             if eof {
                 return Ok(out);
@@ -514,7 +543,8 @@ impl AgentClient {
 
     /// Run a process in a running container to completion (CRI ExecSync):
     /// its stdout, stderr and exit. On `timeout` the process is killed and
-    /// a Timeout error returned.
+    /// a Timeout error returned; output beyond [`MAX_EXEC_SYNC_OUTPUT`] per
+    /// stream kills it too (OutputTooLarge).
     pub async fn exec_sync(
         &self,
         id: &str,
@@ -525,8 +555,8 @@ impl AgentClient {
         self.exec(id, exec_id, spec).await?;
         let run = async {
             let (out, err) = tokio::join!(
-                self.read_to_end(id, exec_id, OutputStream::Stdout),
-                self.read_to_end(id, exec_id, OutputStream::Stderr)
+                self.read_to_end_max(id, exec_id, OutputStream::Stdout, MAX_EXEC_SYNC_OUTPUT),
+                self.read_to_end_max(id, exec_id, OutputStream::Stderr, MAX_EXEC_SYNC_OUTPUT)
             );
             let st = self
                 .with_timeout(timeout + Duration::from_secs(5))
@@ -535,6 +565,10 @@ impl AgentClient {
             Ok::<_, AgentClientError>((out?, err?, st))
         };
         match tokio::time::timeout(timeout, run).await {
+            Ok(Err(e @ AgentClientError::OutputTooLarge { .. })) => {
+                let _ = self.signal(id, exec_id, 9, false).await;
+                Err(e)
+            }
             Ok(r) => r,
             Err(_) => {
                 let _ = self.signal(id, exec_id, 9, false).await;
