@@ -57,15 +57,22 @@ pub async fn write_stdin(agent: &Arc<Agent>, req: WriteStdinRequest) -> Result<W
 pub async fn close_stdin(agent: &Arc<Agent>, req: CloseStdinRequest) -> Result<CloseStdinResponse> {
     let c = agent.get(&req.container_id)?;
     let p = c.process(&req.exec_id)?;
-    if p.pty.is_some() {
-        // A tty has no separate stdin to close: send EOF (^D).
+    drop(c);
+    // On the blocking pool: the stdin lock may be held by a write_stdin
+    // stuck on a full pipe, and the ^D write itself can block.
+    tokio::task::spawn_blocking(move || {
         let mut g = p.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = g.as_mut() {
-            let _ = f.write_all(&[4]);
+        if p.pty.is_some() {
+            // A tty has no separate stdin to close: send EOF (^D).
+            if let Some(f) = g.as_mut() {
+                let _ = f.write_all(&[4]);
+            }
+        } else {
+            g.take();
         }
-    } else {
-        p.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
+    })
+    .await
+    .map_err(|e| AgentError::internal("close stdin task", e))?;
     Ok(CloseStdinResponse::default())
 }
 
