@@ -116,8 +116,14 @@ pub async fn destroy_sandbox(
     agent: &Arc<Agent>,
     _req: DestroySandboxRequest,
 ) -> Result<DestroySandboxResponse> {
+    // Remove every container and unmount everything even if one removal
+    // fails; report the first failure at the end.
+    let mut first_err = None;
     for c in agent.list() {
-        delete::remove(agent, &c.id).await?;
+        if let Err(e) = delete::remove(agent, &c.id).await {
+            tracing::warn!(container = %c.id, error = %e, "remove on destroy");
+            first_err.get_or_insert(e);
+        }
     }
     let mounts: Vec<String> = std::mem::take(
         &mut *agent
@@ -131,7 +137,10 @@ pub async fn destroy_sandbox(
         }
     }
     nix::unistd::sync();
-    Ok(DestroySandboxResponse::default())
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(DestroySandboxResponse::default()),
+    }
 }
 
 /// Mount points of the agent's namespace (field 5 of mountinfo).
