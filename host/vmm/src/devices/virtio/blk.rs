@@ -9,7 +9,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, single_queue, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -299,12 +300,7 @@ impl VirtioDevice for Block {
         irq: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
+        let queue = single_queue(queues)?;
         self.active = Some(Active { mem, irq, queue });
         Ok(())
     }

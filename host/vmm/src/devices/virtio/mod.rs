@@ -103,6 +103,16 @@ pub trait VirtioDevice: Send {
     fn stats(&self) -> (&'static str, String);
 }
 
+/// The one queue of a single-queue device (blk, rng), or QueueCount.
+pub fn single_queue(queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+    let got = queues.len();
+    let mut it = queues.into_iter();
+    match (it.next(), it.next()) {
+        (Some(q), None) => Ok(q),
+        _ => Err(ActivateError::QueueCount { expected: 1, got }),
+    }
+}
+
 /// Copy from a device's config space with bounds checks (out of range
 /// reads return zeros).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -228,5 +238,24 @@ pub(crate) mod test_util {
     #[allow(dead_code)]
     pub fn queue_ready(q: &mut Queue) {
         q.set_ready(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::QueueT;
+
+    #[test]
+    fn single_queue_wants_exactly_one() {
+        let q = || Queue::new(16).unwrap();
+        assert!(single_queue(vec![q()]).is_ok());
+        for n in [0, 2, 3] {
+            let err = single_queue((0..n).map(|_| q()).collect()).unwrap_err();
+            assert!(
+                matches!(err, ActivateError::QueueCount { expected: 1, got } if got == n),
+                "{n}: {err}"
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::io::Read;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateError, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{single_queue, ActivateError, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -109,12 +109,7 @@ impl VirtioDevice for Rng {
         irq: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
+        let queue = single_queue(queues)?;
         self.active = Some(Active { mem, irq, queue });
         Ok(())
     }
