@@ -58,7 +58,7 @@ impl Rng {
             let mut len = 0u32;
             match chain.writer(&a.mem) {
                 Ok(mut w) => {
-                    let want = (w.available_bytes() as u32).min(MAX_REQUEST) as usize;
+                    let want = w.available_bytes().min(MAX_REQUEST as usize);
                     buf.resize(want, 0);
                     match self.source.read(&mut buf) {
                         Ok(n) => {
