@@ -220,7 +220,7 @@ impl Muxer {
             self.queue_rst(hdr);
             return;
         }
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(path, error = %e, "vsock: guest connect refused");
@@ -228,10 +228,6 @@ impl Muxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() {
-            self.queue_rst(hdr);
-            return;
-        }
         self.guest_connects += 1;
         let conn = Connection::guest_initiated(stream, hdr, self.guest_cid);
         let key = (conn.local_port, conn.peer_port);
@@ -471,6 +467,54 @@ impl Drop for Muxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds);
     }
+}
+
+/// Connect to a unix socket without blocking: a host listener whose
+/// backlog is full (it does not accept) makes a blocking connect(2) wait,
+/// which would stall the VMM's event loop at the guest's request. Unix
+/// stream sockets connect at once or fail (EAGAIN when the backlog is full).
+pub fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "unix socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just created and nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a sockaddr_un at least `len` bytes long.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parse `CONNECT <port>` (without the newline).

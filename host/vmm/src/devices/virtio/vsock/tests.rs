@@ -487,3 +487,43 @@ fn rsts_for_a_guest_that_posts_no_rx_buffers_are_bounded() {
     });
     assert_eq!(m.next_rx(4096).map(|(h, _)| h.dst_port), Some(7000));
 }
+
+/// A host listener with a backlog of 1 that never accepts.
+fn stuck_listener(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let l = UnixListener::bind(path).unwrap();
+    // SAFETY: listen(2) on a listening socket we own, to shrink its backlog.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1) },
+        0
+    );
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+    // SAFETY: we own `fd` (taken from the listener above).
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+#[test]
+fn guest_connects_to_a_host_listener_that_never_accepts_do_not_block() {
+    use super::muxer::Muxer;
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let mut m = Muxer::new(GUEST_CID, &uds).unwrap();
+    let _l = stuck_listener(&dir.path().join("v.sock_5000"));
+    // A blocking connect(2) would hang here once the backlog is full.
+    for port in 0..16 {
+        m.on_guest_packet(TxPacket {
+            hdr: guest_hdr(OP_REQUEST, 900 + port, 5000, 0),
+            data: Vec::new(),
+        });
+    }
+    let mut ops = Vec::new();
+    while let Some((h, _)) = m.next_rx(4096) {
+        ops.push(h.op);
+    }
+    let responses = ops.iter().filter(|&&o| o == OP_RESPONSE).count();
+    let rsts = ops.iter().filter(|&&o| o == OP_RST).count();
+    assert!(responses >= 1, "{ops:?}");
+    assert!(rsts >= 1, "a full backlog is refused: {ops:?}");
+    assert_eq!(responses + rsts, 16, "{ops:?}");
+    assert_eq!(m.connection_count(), responses);
+}
