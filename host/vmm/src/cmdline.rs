@@ -15,9 +15,9 @@ pub enum Error {
 
 /// CPU features a non-PVM guest kernel must not use on a PVM host (its
 /// kernel mode runs in KVM's instruction emulator, which lacks them), plus
-/// our kernel patch's switch that skips the int3 self-test.
-pub const PVM_MASKS: &str = "noxsave clearcpuid=popcnt,cx16,xsave,avx,fsgsbase,pcid,invpcid,\
-rdrand,rdseed,rdpid,rdtscp,smap mitigations=off no_int3_selftest";
+/// our kernel patches' switches (`no_int3_selftest`, `no_fwait`) and
+/// `tsc=reliable`. One definition, shared with the QEMU backend.
+pub const PVM_MASKS: &str = vmpod_runtime::hypervisor::host::PVM_GUEST_CMDLINE;
 
 /// Is the host's KVM the PVM flavour?
 pub fn host_is_pvm() -> bool {
@@ -117,8 +117,8 @@ mod tests {
     fn pvm_masks_appended_after_user_line() {
         let l = assemble("console=ttyS0 quiet", &[], true).unwrap();
         assert!(l.starts_with("console=ttyS0 quiet "));
-        assert!(l.ends_with("smap mitigations=off no_int3_selftest"));
-        for w in ["noxsave", "clearcpuid=popcnt,cx16,xsave,avx,fsgsbase,pcid,invpcid,rdrand,rdseed,rdpid,rdtscp,smap", "mitigations=off", "no_int3_selftest"] {
+        assert!(l.ends_with("no_int3_selftest no_fwait tsc=reliable"));
+        for w in ["noxsave", "clearcpuid=popcnt,cx16,xsave,avx,fsgsbase,pcid,invpcid,rdrand,rdseed,rdpid,rdtscp,smap", "mitigations=off", "no_int3_selftest", "no_fwait", "tsc=reliable"] {
             assert!(l.split(' ').any(|x| x == w), "missing {w} in {l}");
         }
         assert!(!assemble("console=ttyS0", &[], false)
@@ -132,7 +132,7 @@ mod tests {
         assert!(l.starts_with(
             "console=ttyS0 reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5 noxsave"
         ));
-        assert!(l.ends_with("no_int3_selftest -- foo bar"));
+        assert!(l.ends_with("no_int3_selftest no_fwait tsc=reliable -- foo bar"));
         let l = assemble("a --", &[(0xd000_0000, 5)], false).unwrap();
         assert_eq!(
             l,
