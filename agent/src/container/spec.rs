@@ -444,6 +444,15 @@ pub fn cgroup_writes(r: &LinuxResources) -> Result<Vec<(String, String)>, SpecEr
             if k.contains('/') || k.starts_with('.') || !k.contains('.') {
                 return Err(SpecError::BadResource(format!("unified key {k:?}")));
             }
+            // cgroup core files are not limits: `cgroup.procs` would move
+            // any process (the agent itself) into the container's cgroup,
+            // `cgroup.kill` would kill it, `cgroup.subtree_control`/`type`
+            // would break the leaf.
+            if k.starts_with("cgroup.") {
+                return Err(SpecError::BadResource(format!(
+                    "unified key {k:?}: cgroup core files cannot be set"
+                )));
+            }
             w.push((k.clone(), v.clone()));
         }
     }
@@ -642,9 +651,17 @@ mod tests {
                 ("memory.high".into(), "1000000".into()),
             ]
         );
-        let bad: LinuxResources =
-            serde_json::from_str(r#"{"unified":{"../../etc/passwd":"x"}}"#).unwrap();
-        assert!(cgroup_writes(&bad).is_err());
+        for key in [
+            "../../etc/passwd",
+            "cgroup.procs",
+            "cgroup.kill",
+            "cgroup.subtree_control",
+        ] {
+            let bad: LinuxResources =
+                serde_json::from_value(serde_json::json!({ "unified": { key: "1" } })).unwrap();
+            let err = cgroup_writes(&bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]
