@@ -2,7 +2,6 @@
 //! place and execs the agent binary again as `__stage2` (no allocation
 //! between clone and exec: the agent is multi-threaded).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
@@ -46,9 +45,11 @@ pub fn clone_stage2(flags: i32, stdio: ChildStdio) -> std::io::Result<(i32, Stag
     let (config_r, config_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
-    let argv0 = CString::new("vmpod-agent").expect("no NUL");
-    let argv1 = CString::new("__stage2").expect("no NUL");
-    let argv: [*const libc::c_char; 3] = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
+    let argv: [*const libc::c_char; 3] = [
+        c"vmpod-agent".as_ptr(),
+        c"__stage2".as_ptr(),
+        std::ptr::null(),
+    ];
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let empty = c"";
     let fds: [RawFd; 6] = [
