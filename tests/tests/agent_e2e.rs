@@ -529,13 +529,31 @@ fn stdin_tty_update_and_stats() {
             ..Default::default()
         };
         c.exec(id, "t1", &e).await.unwrap();
-        c.resize_tty(id, "t1", 40, 120).await.unwrap_or(()); // may race with exit
         let out = c.read_to_end(id, "t1", OutputStream::Stdout).await.unwrap();
         assert!(
             String::from_utf8_lossy(&out).contains("is-a-tty"),
             "{out:?}"
         );
         assert_eq!(c.wait(id, "t1").await.unwrap().exit_code, 0);
+
+        // resize reaches the process's terminal; sizes over u16 are refused.
+        let e = ExecSpec {
+            args: vec!["sh".into(), "-c".into(), "read x; stty size".into()],
+            terminal: true,
+            ..Default::default()
+        };
+        c.exec(id, "t2", &e).await.unwrap();
+        c.resize_tty(id, "t2", 40, 120).await.unwrap();
+        let err = c.resize_tty(id, "t2", 70_000, 80).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
+            "{err}"
+        );
+        c.write_stdin(id, "t2", b"\n").await.unwrap();
+        let out = c.read_to_end(id, "t2", OutputStream::Stdout).await.unwrap();
+        assert!(String::from_utf8_lossy(&out).contains("40 120"), "{out:?}");
+        assert_eq!(c.wait(id, "t2").await.unwrap().exit_code, 0);
 
         let res = vmpod_runtime::agent_client::agent::LinuxResources {
             memory_limit_bytes: 64 << 20,

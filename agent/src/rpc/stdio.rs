@@ -83,9 +83,13 @@ pub async fn resize_tty(agent: &Arc<Agent>, req: ResizeTtyRequest) -> Result<Res
         .pty
         .as_ref()
         .ok_or_else(|| AgentError::FailedPrecondition("process has no terminal".into()))?;
+    let dim = |what: &str, v: u32| {
+        u16::try_from(v)
+            .map_err(|_| AgentError::InvalidArgument(format!("tty {what} {v} is over 65535")))
+    };
     let ws = libc::winsize {
-        ws_row: req.rows as u16,
-        ws_col: req.cols as u16,
+        ws_row: dim("rows", req.rows)?,
+        ws_col: dim("cols", req.cols)?,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
