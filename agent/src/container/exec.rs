@@ -103,6 +103,14 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
             execs.insert(exec_id, p.clone());
         }
         if let Err(e) = p.start(&what) {
+            // It may still be waiting (start timed out): nobody can start
+            // or wait for it once it leaves the table, so end it.
+            if p.exit_info().is_none() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             c2.execs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
