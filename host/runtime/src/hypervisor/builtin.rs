@@ -3,13 +3,14 @@
 //! --exit-json FILE` (crate `vmpod-vmm` runs it in that process), so a VM
 //! crash can never take the daemon down and every VM is one PID to account.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 
+use super::handle::SupervisedVm;
 use super::process::{self, log_tail, terminate};
 use super::{ExitReason, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
 
@@ -67,8 +68,7 @@ impl BuiltinHypervisor {
         .await?;
         let pid = child.id();
         tracing::info!(pid, vsock = %config.vsock_uds.display(), "built-in microVM started");
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let (exit_tx, exit_rx) = watch::channel(None);
+        let (handle, channels) = SupervisedVm::new(config, pid);
         let sup = Supervisor {
             child,
             log,
@@ -77,14 +77,8 @@ impl BuiltinHypervisor {
             _dir: dir,
             stopping: false,
         };
-        tokio::spawn(sup.run(stop_rx, exit_tx));
-        Ok(BuiltinVm {
-            vsock_uds: config.vsock_uds.clone(),
-            console_log: config.console_log.clone(),
-            pid,
-            stop_tx,
-            exit_rx,
-        })
+        tokio::spawn(sup.run(channels.stop_rx, channels.exit_tx));
+        Ok(handle)
     }
 }
 
@@ -101,42 +95,7 @@ impl Hypervisor for BuiltinHypervisor {
 
 /// Handle to one built-in VM (its `vmpod vm run` process). Dropping it kills
 /// the process.
-pub struct BuiltinVm {
-    vsock_uds: PathBuf,
-    console_log: PathBuf,
-    pid: Option<u32>,
-    stop_tx: mpsc::UnboundedSender<()>,
-    exit_rx: watch::Receiver<Option<ExitReason>>,
-}
-
-#[async_trait]
-impl VmHandle for BuiltinVm {
-    fn vsock_uds(&self) -> &Path {
-        &self.vsock_uds
-    }
-
-    fn console_log(&self) -> &Path {
-        &self.console_log
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.pid
-    }
-
-    async fn stop(&self) -> Result<ExitReason> {
-        let _ = self.stop_tx.send(());
-        self.wait().await
-    }
-
-    async fn wait(&self) -> Result<ExitReason> {
-        let mut rx = self.exit_rx.clone();
-        let reason = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| HypervisorError::Other("VM supervisor ended without a reason".into()))?;
-        Ok(reason.clone().unwrap_or(ExitReason::Stopped))
-    }
-}
+pub type BuiltinVm = SupervisedVm;
 
 struct Supervisor {
     child: Child,

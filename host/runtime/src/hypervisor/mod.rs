@@ -27,6 +27,7 @@
 
 pub mod builtin;
 pub mod console;
+pub mod handle;
 pub mod host;
 mod process;
 pub mod qemu;

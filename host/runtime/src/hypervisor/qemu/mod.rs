@@ -214,7 +214,7 @@ impl QemuHypervisor {
             console = %config.console_log.display(),
             "QEMU microVM started"
         );
-        Ok(QemuVm::spawn(vm::Parts {
+        Ok(vm::spawn(vm::Parts {
             config: config.clone(),
             pid,
             qemu,

@@ -2,19 +2,19 @@
 //! its helpers until the VM ends.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tempfile::TempDir;
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 
 use super::qmp::{Qmp, QmpMessage};
 use crate::hypervisor::console::{ConsoleEvent, ConsoleWatch};
+use crate::hypervisor::handle::SupervisedVm;
 use crate::hypervisor::process::{log_tail, terminate};
-use crate::hypervisor::{ExitReason, HypervisorError, Result, VmConfig, VmHandle};
+use crate::hypervisor::{ExitReason, VmConfig};
 
 /// How long QEMU gets to exit after `quit` before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
@@ -53,79 +53,29 @@ pub(crate) struct Parts {
 
 /// Handle to one QEMU microVM. Dropping it kills QEMU and the helpers and
 /// removes the sockets (the supervisor sees the handle go away).
-pub struct QemuVm {
-    vsock_uds: PathBuf,
-    console_log: PathBuf,
-    pid: Option<u32>,
-    stop_tx: mpsc::UnboundedSender<()>,
-    exit_rx: watch::Receiver<Option<ExitReason>>,
-}
+pub type QemuVm = SupervisedVm;
 
-impl QemuVm {
-    pub(crate) fn spawn(parts: Parts) -> QemuVm {
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let handle = QemuVm {
-            vsock_uds: parts.config.vsock_uds.clone(),
-            console_log: parts.config.console_log.clone(),
-            pid: parts.pid,
-            stop_tx,
-            exit_rx,
-        };
-        let sup = Supervisor {
-            cleanup: Cleanup {
-                vsock_uds: parts.config.vsock_uds,
-                _dir: parts.runtime_dir,
-            },
-            qemu: parts.qemu,
-            qemu_log: parts.qemu_log,
-            qmp: Some(parts.qmp),
-            helpers: parts.helpers,
-            console: parts.console,
-            stopping: None,
-            power_down: false,
-            panic: None,
-            shutdown_reason: None,
-            internal_error: None,
-        };
-        tokio::spawn(sup.run(stop_rx, exit_tx));
-        handle
-    }
-
-    /// The exit reason if the VM has already ended.
-    pub fn try_exit_reason(&self) -> Option<ExitReason> {
-        self.exit_rx.borrow().clone()
-    }
-}
-
-#[async_trait]
-impl VmHandle for QemuVm {
-    fn vsock_uds(&self) -> &Path {
-        &self.vsock_uds
-    }
-
-    fn console_log(&self) -> &Path {
-        &self.console_log
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.pid
-    }
-
-    async fn stop(&self) -> Result<ExitReason> {
-        // Fails only when the supervisor is gone, i.e. the VM already ended.
-        let _ = self.stop_tx.send(());
-        self.wait().await
-    }
-
-    async fn wait(&self) -> Result<ExitReason> {
-        let mut rx = self.exit_rx.clone();
-        let reason = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| HypervisorError::Other("VM supervisor ended without a reason".into()))?;
-        Ok(reason.clone().unwrap_or(ExitReason::Stopped))
-    }
+/// Start supervising what `start` created; returns the VM's handle.
+pub(crate) fn spawn(parts: Parts) -> QemuVm {
+    let (handle, channels) = SupervisedVm::new(&parts.config, parts.pid);
+    let sup = Supervisor {
+        cleanup: Cleanup {
+            vsock_uds: parts.config.vsock_uds,
+            _dir: parts.runtime_dir,
+        },
+        qemu: parts.qemu,
+        qemu_log: parts.qemu_log,
+        qmp: Some(parts.qmp),
+        helpers: parts.helpers,
+        console: parts.console,
+        stopping: None,
+        power_down: false,
+        panic: None,
+        shutdown_reason: None,
+        internal_error: None,
+    };
+    tokio::spawn(sup.run(channels.stop_rx, channels.exit_tx));
+    handle
 }
 
 /// Removes what outlives processes: the vsock socket and the runtime dir
