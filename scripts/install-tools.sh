@@ -2,9 +2,10 @@
 # Helper binaries the QEMU backend needs, built from crates.io into ROOT/bin.
 # Usage: scripts/install-tools.sh [ROOT]   (default: build/tools)
 #
-#   vhost-device-vsock 0.3.0  vhost-user vsock backend speaking hybrid vsock
-#   virtiofsd                 vhost-user virtio-fs backend (needs Debian's
-#                             libcap-ng-dev and libseccomp-dev: install-deps.sh)
+#   virtiofsd   vhost-user virtio-fs backend (needs Debian's libcap-ng-dev
+#               and libseccomp-dev: install-deps.sh)
+#
+# (vsock needs no helper: `vmpod vm vhost-user-vsock` serves it.)
 #
 # Only what is missing (or at another version) is built. Idempotent.
 set -euo pipefail
@@ -13,7 +14,6 @@ ROOT="${1:-build/tools}"
 mkdir -p "$ROOT"
 ROOT="$(cd "$ROOT" && pwd)"
 
-VHOST_VSOCK_VERSION=0.3.0
 VIRTIOFSD_VERSION=1.14.0
 
 have() { # name version
@@ -26,12 +26,6 @@ install_crate() { # crate version
   echo ">> cargo install $1 $2 into $ROOT (this compiles; progress below)"
   cargo install --locked --root "$ROOT" --version "$2" "$1"
 }
-
-if have vhost-device-vsock "$VHOST_VSOCK_VERSION"; then
-  echo "install-tools: vhost-device-vsock $VHOST_VSOCK_VERSION present"
-else
-  install_crate vhost-device-vsock "$VHOST_VSOCK_VERSION"
-fi
 
 if have virtiofsd "$VIRTIOFSD_VERSION"; then
   echo "install-tools: virtiofsd $VIRTIOFSD_VERSION present"

@@ -5,7 +5,7 @@
 //! by every test in this file; everything goes over vsock with the agent
 //! client.
 //!
-//! Needs `make guest tools` (kernel, initramfs, vhost-device-vsock).
+//! Needs `make guest` (kernel, initramfs) and a built `vmpod` (its vsock back-end).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -24,6 +24,23 @@ pub struct VmArgs {
 enum VmCommand {
     /// Run one microVM in the foreground.
     Run(RunArgs),
+    /// Serve a guest's vsock as a vhost-user back-end (QEMU's
+    /// `vhost-user-vsock-device`) with the hybrid unix-socket protocol.
+    /// The QEMU backend starts one per VM; it exits when QEMU disconnects.
+    VhostUserVsock(VhostUserVsockArgs),
+}
+
+#[derive(clap::Args)]
+struct VhostUserVsockArgs {
+    /// vhost-user socket to create; the front-end connects here.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Hybrid-vsock unix socket to create (guest connections to port P go to PATH_P).
+    #[arg(long)]
+    uds_path: PathBuf,
+    /// The guest's CID.
+    #[arg(long, default_value_t = 3)]
+    guest_cid: u32,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +96,17 @@ struct RunArgs {
 pub fn run(args: VmArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         VmCommand::Run(run) => run_vm(run),
+        VmCommand::VhostUserVsock(a) => {
+            if a.guest_cid < 3 {
+                anyhow::bail!("--guest-cid {}: CIDs 0-2 are reserved", a.guest_cid);
+            }
+            vmpod_vmm::devices::virtio::vsock::vhost_user::serve(
+                a.guest_cid.into(),
+                &a.socket,
+                &a.uds_path,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -4,14 +4,14 @@
 //! - [`builtin::BuiltinHypervisor`]: our KVM VMM (crate `vmpod-vmm`), run as
 //!   a supervised child process `vmpod vm run --hypervisor builtin`.
 //! - [`qemu::QemuHypervisor`]: `qemu-system-x86_64 -M microvm` plus the
-//!   vhost-user helpers `vhost-device-vsock` and `virtiofsd`.
+//!   vhost-user back-ends: our vsock device (`vmpod vm vhost-user-vsock`)
+//!   and `virtiofsd`.
 //!
 //! Both expose the guest's vsock through a unix socket speaking Firecracker's
 //! hybrid-vsock protocol (host connects to [`VmHandle::vsock_uds`], writes
 //! `CONNECT <port>\n` in one write, reads `OK <port>\n`; guest connections
 //! to CID 2 port P arrive at `<vsock_uds>_P`), so callers are identical.
-//! With the QEMU backend keep at most 256 KiB in flight per direction and do
-//! not half-close (see [`qemu`]).
+//! Both run the same vsock device code (credit flow control, half-close).
 //!
 //! Typical use (async):
 //! ```no_run

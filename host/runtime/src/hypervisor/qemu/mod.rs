@@ -2,12 +2,9 @@
 //! memfd-shared guest RAM, a serial console log, QMP for control, and
 //! vhost-user helpers for the devices that need a userspace backend here:
 //!
-//! - vsock: `vhost-user-vsock-device` + `vhost-device-vsock` (hybrid vsock on
-//!   [`VmConfig::vsock_uds`]). Known defect of vhost-device-vsock 0.3.0: a
-//!   connection saturated in both directions at once under CPU load can stall
-//!   for good, and `shutdown(SHUT_WR)` closes the whole connection. Our agent
-//!   traffic keeps at most 256 KiB in flight per direction and never
-//!   half-closes.
+//! - vsock: `vhost-user-vsock-device` served by our own vsock device code
+//!   as a vhost-user back-end, `vmpod vm vhost-user-vsock` (hybrid vsock on
+//!   [`VmConfig::vsock_uds`], exactly as with the built-in VMM).
 //! - virtio-fs: `vhost-user-fs-device` + one `virtiofsd` per shared dir.
 //!
 //! virtio-rng, virtio-blk (raw, ro/rw) and virtio-net (TAP) are QEMU's own.
@@ -76,13 +73,15 @@ impl Accel {
 pub struct QemuHypervisor {
     accel: EffectiveAccel,
     qemu: PathBuf,
-    vhost_vsock: PathBuf,
+    /// `vmpod` itself: runs the vhost-user vsock back-end.
+    vmpod: PathBuf,
     virtiofsd: Option<PathBuf>,
     die_with_parent: bool,
 }
 
 const QEMU_BIN: &str = "qemu-system-x86_64";
-const VHOST_VSOCK_BIN: &str = "vhost-device-vsock";
+/// Name of the vsock helper process in logs and errors.
+const VSOCK_HELPER: &str = "vmpod vm vhost-user-vsock";
 const VIRTIOFSD_BIN: &str = "virtiofsd";
 
 impl QemuHypervisor {
@@ -95,8 +94,12 @@ impl QemuHypervisor {
             accel: accel.resolve(&KvmFlavour::detect())?,
             qemu: tools::find(QEMU_BIN)
                 .ok_or_else(|| missing(QEMU_BIN, "install Debian's qemu-system-x86"))?,
-            vhost_vsock: tools::find(VHOST_VSOCK_BIN)
-                .ok_or_else(|| missing(VHOST_VSOCK_BIN, "run `make tools`"))?,
+            vmpod: tools::vmpod().ok_or_else(|| {
+                missing(
+                    "vmpod",
+                    "it serves the VM's vsock; set VMPOD_VMPOD=/path/to/vmpod",
+                )
+            })?,
             virtiofsd: tools::find(VIRTIOFSD_BIN),
             die_with_parent: false,
         })
@@ -141,22 +144,24 @@ impl QemuHypervisor {
         let mut helpers = Vec::new();
 
         // vsock backend first: QEMU connects to its socket at start-up.
-        let log = dir.path().join("vhost-device-vsock.log");
+        let log = dir.path().join("vhost-user-vsock.log");
         let vsock_args = [
+            "vm".to_string(),
+            "vhost-user-vsock".into(),
             format!("--guest-cid={}", config.guest_cid),
             format!("--socket={}", files.vhost_vsock.display()),
             format!("--uds-path={}", config.vsock_uds.display()),
         ];
-        let mut child = process::spawn(&self.vhost_vsock, &vsock_args, &log, self.die_with_parent)?;
+        let mut child = process::spawn(&self.vmpod, &vsock_args, &log, self.die_with_parent)?;
         process::wait_for_path(
             &files.vhost_vsock,
             &mut child,
-            VHOST_VSOCK_BIN,
+            VSOCK_HELPER,
             &log,
             Duration::from_secs(10),
         )
         .await?;
-        helpers.push(vm::Helper::new(VHOST_VSOCK_BIN, child, log));
+        helpers.push(vm::Helper::new(VSOCK_HELPER, child, log));
 
         if let Some(virtiofsd) = &virtiofsd {
             for (i, share) in config.shared_dirs.iter().enumerate() {
@@ -201,7 +206,7 @@ impl QemuHypervisor {
         process::wait_for_path(
             &config.vsock_uds,
             &mut qemu,
-            "QEMU/vhost-device-vsock",
+            "QEMU/vhost-user vsock",
             &qemu_log,
             Duration::from_secs(10),
         )

@@ -20,7 +20,7 @@ use crate::hypervisor::{ExitReason, VmConfig};
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
 
-/// A supervised helper process (vhost-device-vsock, virtiofsd).
+/// A supervised helper process (vsock back-end, virtiofsd).
 pub(crate) struct Helper {
     name: &'static str,
     child: Child,

@@ -12,7 +12,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::packet::{
     Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
@@ -21,6 +21,9 @@ use super::packet::{
 
 /// Receive buffer we advertise to the guest per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
+/// How long a connection the guest closed may take to hand its last
+/// buffered bytes to a slow host reader before we drop them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -66,7 +69,18 @@ pub struct Connection {
     need_credit_update: bool,
     /// We asked the guest for credit and wait for its update.
     credit_requested: bool,
+    /// The guest closed (SHUTDOWN both ways) while guest data still waited
+    /// for the host socket: deliver it, then finish the close.
+    draining: Option<Instant>,
+    /// The guest already forgot the connection (RST after its close): no
+    /// RST owed when the drain ends.
+    guest_gone: bool,
+    /// Directions of the host socket we already shut down.
+    host_shut: u8,
 }
+
+const HOST_SHUT_WR: u8 = 1;
+const HOST_SHUT_RD: u8 = 2;
 
 impl Connection {
     fn new(
@@ -98,6 +112,9 @@ impl Connection {
             need_rst: false,
             need_credit_update: false,
             credit_requested: false,
+            draining: None,
+            guest_gone: false,
+            host_shut: 0,
         }
     }
 
@@ -156,6 +173,14 @@ impl Connection {
     pub fn on_guest_packet(&mut self, hdr: &Header, data: &[u8]) -> Verdict {
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = hdr.fwd_cnt;
+        if self.draining.is_some() {
+            // The guest sent everything and closed; only its RST (it gave
+            // up waiting for ours) matters now. Keep draining either way.
+            if hdr.op == OP_RST {
+                self.guest_gone = true;
+            }
+            return Verdict::Keep;
+        }
         match (self.state, hdr.op) {
             (_, OP_RST) => {
                 // Refused (while connecting) or reset: just close the host side.
@@ -191,12 +216,16 @@ impl Connection {
             (State::Established, OP_SHUTDOWN) => {
                 self.guest_shut |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
                 if self.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    // Full close: flush what we can, then reset.
-                    let _ = self.flush_tx();
-                    return self.reset();
+                    // Full close: what the host socket cannot take yet is
+                    // still delivered (draining); the RST follows.
+                    if self.flush_tx().is_err() || self.tx_buf.is_empty() {
+                        return self.reset();
+                    }
+                    self.draining = Some(Instant::now() + DRAIN_TIMEOUT);
+                    return Verdict::Keep;
                 }
                 if self.guest_shut & SHUTDOWN_SEND != 0 && self.tx_buf.is_empty() {
-                    let _ = self.stream.shutdown(Shutdown::Write);
+                    self.shut_host(Shutdown::Write);
                 }
             }
             (State::Established, OP_REQUEST) | (State::Established, OP_RESPONSE) => {
@@ -208,9 +237,33 @@ impl Connection {
         Verdict::Keep
     }
 
+    /// shutdown(2) the host socket, once per direction: every call wakes
+    /// the socket's waiters, and with edge-triggered epoll a repeated call
+    /// per readiness event would spin for ever.
+    fn shut_host(&mut self, how: Shutdown) {
+        let want = match how {
+            Shutdown::Write => HOST_SHUT_WR,
+            _ => HOST_SHUT_WR | HOST_SHUT_RD,
+        };
+        if self.host_shut & want != want {
+            self.host_shut |= want;
+            let _ = self.stream.shutdown(how);
+        }
+    }
+
+    /// The last guest bytes reached the host socket (or never will): close
+    /// it, RST the guest unless it already forgot us.
+    fn finish_drain(&mut self) {
+        self.draining = None;
+        self.shut_host(Shutdown::Both);
+        self.state = State::Closed;
+        self.need_rst = !self.guest_gone;
+    }
+
     /// Tell the guest to forget this connection; the muxer removes it once
     /// the RST is sent.
     pub fn reset(&mut self) -> Verdict {
+        self.draining = None;
         self.state = State::Closed;
         self.need_rst = true;
         Verdict::Keep
@@ -231,12 +284,18 @@ impl Connection {
         }
         self.tx_buf.drain(..written);
         self.fwd_cnt = self.fwd_cnt.wrapping_add(written as u32);
+        if self.draining.is_some() {
+            if self.tx_buf.is_empty() {
+                self.finish_drain();
+            }
+            return Ok(());
+        }
         let unsent = self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent);
         if unsent > 0 && (self.tx_buf.is_empty() || unsent >= BUF_ALLOC / 4) {
             self.need_credit_update = true;
         }
         if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 {
-            let _ = self.stream.shutdown(Shutdown::Write);
+            self.shut_host(Shutdown::Write);
         }
         Ok(())
     }
@@ -332,8 +391,18 @@ impl Connection {
         self.readable = true;
     }
 
-    /// Connecting for too long: give up.
+    /// Connecting or draining for too long: give up.
     pub fn check_deadline(&mut self, now: Instant) -> bool {
+        if self.draining.is_some_and(|d| now >= d) {
+            tracing::info!(
+                port = self.peer_port,
+                dropped = self.tx_buf.len(),
+                "vsock: host side never read the closed connection's last bytes"
+            );
+            self.tx_buf.clear();
+            self.finish_drain();
+            return true;
+        }
         match self.connect_deadline {
             Some(d) if now >= d && self.state == State::Connecting => {
                 tracing::info!(port = self.peer_port, "vsock connect timed out");

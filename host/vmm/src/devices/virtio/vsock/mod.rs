@@ -6,6 +6,7 @@ pub mod connection;
 pub mod muxer;
 pub mod packet;
 pub mod vhost;
+pub mod vhost_user;
 
 #[cfg(test)]
 mod tests;
@@ -14,7 +15,7 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -39,8 +40,8 @@ pub enum Error {
 }
 
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
-const RX: usize = 0;
-const TX: usize = 1;
+pub(crate) const RX: usize = 0;
+pub(crate) const TX: usize = 1;
 /// Payload per RX packet at most (Linux posts 4 KiB buffers by default).
 const MAX_RX_DATA: usize = 64 * 1024;
 
@@ -77,23 +78,7 @@ impl Vsock {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let mut used = false;
-        while let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match chain.reader(&a.mem) {
-                Ok(mut r) => {
-                    let avail = r.available_bytes();
-                    match read_tx(&mut r, avail) {
-                        Ok(pkt) => self.muxer.on_guest_packet(pkt),
-                        Err(e) => tracing::debug!(error = %e, "vsock: malformed TX packet dropped"),
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "vsock: bad TX chain"),
-            }
-            let _ = a.queues[TX].add_used(&a.mem, head, 0);
-            used = true;
-        }
-        if used {
+        if drain_tx(&mut self.muxer, &mut a.queues[TX], &a.mem) {
             a.irq.signal_used();
         }
     }
@@ -102,39 +87,72 @@ impl Vsock {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let mut used = false;
-        while self.muxer.has_rx() {
-            let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
-                break; // wait for the driver to post buffers
-            };
-            let head = chain.head_index();
-            let mut writer = match chain.writer(&a.mem) {
-                Ok(w) if w.available_bytes() >= HDR_LEN => w,
-                _ => {
-                    tracing::debug!("vsock: RX buffer too small");
-                    let _ = a.queues[RX].add_used(&a.mem, head, 0);
-                    used = true;
-                    continue;
-                }
-            };
-            let room = (writer.available_bytes() - HDR_LEN).min(MAX_RX_DATA);
-            match self.muxer.next_rx(room) {
-                Some((hdr, data)) => {
-                    let n = write_rx(&mut writer, &hdr, &data).unwrap_or(0);
-                    let _ = a.queues[RX].add_used(&a.mem, head, n as u32);
-                    used = true;
-                }
-                None => {
-                    // Nothing after all: give the buffer back.
-                    a.queues[RX].go_to_previous_position();
-                    break;
-                }
-            }
-        }
-        if used {
+        if fill_rx(&mut self.muxer, &mut a.queues[RX], &a.mem) {
             a.irq.signal_used();
         }
     }
+}
+
+/// Hand every packet the driver put on the TX queue to the muxer. Returns
+/// whether used entries were added (the driver needs an interrupt). Shared
+/// by the virtio-mmio device and the vhost-user back-end.
+pub(crate) fn drain_tx<M: GuestMemory>(muxer: &mut Muxer, queue: &mut Queue, mem: &M) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match chain.reader(mem) {
+            Ok(mut r) => {
+                let avail = r.available_bytes();
+                match read_tx(&mut r, avail) {
+                    Ok(pkt) => muxer.on_guest_packet(pkt),
+                    Err(e) => tracing::debug!(error = %e, "vsock: malformed TX packet dropped"),
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "vsock: bad TX chain"),
+        }
+        if queue.add_used(mem, head, 0).is_err() {
+            tracing::warn!("vsock: cannot add used TX entry");
+        }
+        used = true;
+    }
+    used
+}
+
+/// Move what the muxer has for the guest into the driver's RX buffers,
+/// until either runs out. Returns whether used entries were added.
+pub(crate) fn fill_rx<M: GuestMemory>(muxer: &mut Muxer, queue: &mut Queue, mem: &M) -> bool {
+    let mut used = false;
+    while muxer.has_rx() {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break; // wait for the driver to post buffers
+        };
+        let head = chain.head_index();
+        let mut writer = match chain.writer(mem) {
+            Ok(w) if w.available_bytes() >= HDR_LEN => w,
+            _ => {
+                tracing::debug!("vsock: RX buffer too small");
+                let _ = queue.add_used(mem, head, 0);
+                used = true;
+                continue;
+            }
+        };
+        let room = (writer.available_bytes() - HDR_LEN).min(MAX_RX_DATA);
+        match muxer.next_rx(room) {
+            Some((hdr, data)) => {
+                let n = write_rx(&mut writer, &hdr, &data).unwrap_or(0);
+                if queue.add_used(mem, head, n as u32).is_err() {
+                    tracing::warn!("vsock: cannot add used RX entry");
+                }
+                used = true;
+            }
+            None => {
+                // Nothing after all: give the buffer back.
+                queue.go_to_previous_position();
+                break;
+            }
+        }
+    }
+    used
 }
 
 impl VirtioDevice for Vsock {

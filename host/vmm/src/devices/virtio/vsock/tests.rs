@@ -527,3 +527,127 @@ fn guest_connects_to_a_host_listener_that_never_accepts_do_not_block() {
     assert_eq!(responses + rsts, 16, "{ops:?}");
     assert_eq!(m.connection_count(), responses);
 }
+
+/// Guest data the host has not read yet when the guest closes: pushed
+/// `bytes` (within credit) while the host reads nothing.
+fn guest_sends_unread(rig: &mut Rig, guest_port: u32, host_port: u32, bytes: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    for chunk in data.chunks(60 * 1024) {
+        rig.send_pkt(OP_RW, guest_port, host_port, chunk);
+    }
+    assert!(
+        rig.dev
+            .muxer()
+            .connection(host_port, guest_port)
+            .unwrap()
+            .tx_buffered()
+            > 0,
+        "the host socket is full, data waits in the muxer"
+    );
+    data
+}
+
+fn full_shutdown(rig: &mut Rig, guest_port: u32, host_port: u32) {
+    let mut sd = guest_hdr(OP_SHUTDOWN, guest_port, host_port, 0);
+    sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    rig.send(&sd.to_bytes(), &[]);
+}
+
+#[test]
+fn guest_close_delivers_buffered_data_before_the_rst() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    let data = guest_sends_unread(&mut rig, 1024, req.src_port, 240 * 1024);
+    full_shutdown(&mut rig, 1024, req.src_port);
+    assert!(
+        !rig.take_rx().iter().any(|p| p.0.op == OP_RST),
+        "no RST while data is undelivered"
+    );
+    // The guest gives up waiting and resets: the data still arrives.
+    rig.send_pkt(OP_RST, 1024, req.src_port, &[]);
+    assert_eq!(rig.dev.muxer().connection_count(), 1, "still draining");
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    for _ in 0..50 {
+        rig.poll();
+        if rig.dev.muxer().connection_count() == 0 {
+            break;
+        }
+    }
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "every byte, in order");
+    assert_eq!(
+        rig.dev.muxer().connection_count(),
+        0,
+        "removed once drained"
+    );
+    assert!(
+        !rig.take_rx().iter().any(|p| p.0.op == OP_RST),
+        "no RST to a guest that already reset"
+    );
+}
+
+#[test]
+fn drained_close_ends_with_an_rst_to_the_guest() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    let data = guest_sends_unread(&mut rig, 1024, req.src_port, 250 * 1024);
+    full_shutdown(&mut rig, 1024, req.src_port);
+    let mut got = vec![0u8; data.len()];
+    let reader = std::thread::spawn(move || {
+        s.read_exact(&mut got).unwrap();
+        got
+    });
+    let mut rst = false;
+    for _ in 0..50 {
+        rig.poll();
+        rig.post_rx();
+        if rig.take_rx().iter().any(|p| p.0.op == OP_RST) {
+            rst = true;
+            break;
+        }
+    }
+    assert!(reader.join().unwrap() == data);
+    assert!(rst, "the guest's close completes with our RST");
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn guest_half_close_gives_host_eof_and_keeps_the_other_direction() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    rig.send_pkt(OP_RW, 1024, req.src_port, b"last words");
+    let mut sd = guest_hdr(OP_SHUTDOWN, 1024, req.src_port, 0);
+    sd.flags = SHUTDOWN_SEND;
+    rig.send(&sd.to_bytes(), &[]);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"last words", "data, then EOF");
+    // Host → guest still flows; socket events after the shutdown (which
+    // itself wakes the socket) are handled once, not in a loop.
+    for round in 0..3 {
+        s.write_all(format!("reply {round}").as_bytes()).unwrap();
+        rig.post_rx();
+        rig.poll();
+        let pkts = rig.take_rx();
+        assert!(
+            pkts.iter()
+                .any(|p| p.0.op == OP_RW && p.1 == format!("reply {round}").as_bytes()),
+            "{pkts:?}"
+        );
+    }
+    assert_eq!(rig.dev.muxer().connection_count(), 1);
+}
