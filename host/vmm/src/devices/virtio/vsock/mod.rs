@@ -3,6 +3,7 @@
 //! 2 = events (unused: we never migrate).
 
 pub mod connection;
+pub mod hybrid_proxy;
 pub mod muxer;
 pub mod packet;
 pub mod vhost;
@@ -39,7 +40,7 @@ pub enum Error {
     },
 }
 
-const QUEUE_SIZES: &[u16] = &[256, 256, 256];
+pub(crate) const QUEUE_SIZES: &[u16] = &[256, 256, 256];
 pub(crate) const RX: usize = 0;
 pub(crate) const TX: usize = 1;
 /// Payload per RX packet at most (Linux posts 4 KiB buffers by default).
