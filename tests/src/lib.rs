@@ -7,8 +7,12 @@ use std::path::PathBuf;
 
 pub mod agent_vm;
 pub mod cri_client;
+pub mod initramfs;
+pub mod net;
 pub mod oci_image;
+pub mod process;
 pub mod registry;
+pub mod vm;
 
 /// Repository root (the workspace directory).
 pub fn repo_root() -> PathBuf {
@@ -38,4 +42,16 @@ pub fn vmpod_bin() -> PathBuf {
         "vmpod binary not found under {}: run `cargo build -p vmpod` first",
         target.display()
     );
+}
+
+/// Why `dev` (e.g. `/dev/kvm`, `/dev/net/tun`) cannot be used by this
+/// process, if it cannot: missing, or not openable read-write.
+pub fn device_unavailable(dev: &str) -> Option<String> {
+    if !std::path::Path::new(dev).exists() {
+        return Some(format!("no {dev} on this host"));
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        return Some(format!("{dev} is not accessible to this user: {e}"));
+    }
+    None
 }

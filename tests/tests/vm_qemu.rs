@@ -7,17 +7,25 @@
 //! kernel command line.
 //!
 //! Needs: build/guest/vmlinux, qemu-system-x86_64, build/tools/bin/
-//! virtiofsd (make tools), busybox-static, cpio, gcc.
+//! virtiofsd (make tools), busybox-static, cpio, gcc; for the TAP test root,
+//! /dev/net/tun, iproute2 and ping (iputils-ping).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
 use vmpod_runtime::hypervisor::{ExitReason, VmConfig, VmHandle};
+use vmpod_tests::initramfs::Initramfs;
+use vmpod_tests::net::{link_exists, ping_ok, tap_unavailable, Tap};
+use vmpod_tests::process::{alive, children, wait_gone, ChildGuard};
+use vmpod_tests::vm::{
+    console_value, exit_reason, host_to_guest, serve_guest_connect, vm_run_command, wait_console,
+    CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
+};
 use vmpod_tests::{build_dir, vmpod_bin};
 
 const MARKER: &str = "VMPOD-TEST-INIT";
@@ -43,6 +51,31 @@ idle)
     while true; do sleep 1; done ;;
 reboot)
     reboot -f ;;
+devices)
+    # virtio-blk: vda is the read-write disk, vdb the read-only one; each
+    # starts with a marker line. The guest writes at offset 4096.
+    write_disk() {
+        if err=$(echo "$2" | dd of="/dev/$1" bs=512 seek=8 conv=notrunc,fsync 2>&1); then
+            echo "VMPOD-$1-WRITE=ok"
+        else
+            echo "VMPOD-$1-WRITE=failed: $(echo $err)"
+        fi
+    }
+    for d in vda vdb; do
+        echo "VMPOD-$d-MARKER=$(head -n 1 /dev/$d)"
+        echo "VMPOD-$d-RO=$(cat /sys/block/$d/ro)"
+    done
+    write_disk vda "guest-saw:$(head -n 1 /dev/vda)"
+    write_disk vdb "guest-wrote-the-read-only-disk"
+    # virtio-net on a host TAP: address from the command line, ping the host.
+    param() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+    ip link set eth0 up
+    ip addr add "$(param vmpod_ip)" dev eth0
+    echo "VMPOD-MAC=$(cat /sys/class/net/eth0/address)"
+    if out=$(ping -c 3 -W 10 "$(param vmpod_peer)" 2>&1); then r=ok; else r=failed; fi
+    echo "VMPOD-PING-HOST=$r: $(echo "$out" | grep 'packets received')"
+    /bin/vsock_probe listen 5000
+    poweroff -f ;;
 esac
 if mount -t virtiofs share /mnt; then
     echo "VMPOD-SHARE=$(cat /mnt/hello.txt)"
@@ -55,107 +88,9 @@ echo VMPOD-LISTENER-DONE
 poweroff -f
 "#;
 
-/// Guest vsock helper: `listen PORT` echoes `echo:<line>` per connection
-/// until it receives `quit`; `connect CID PORT MSG` sends MSG and prints the
-/// reply line.
-const VSOCK_PROBE_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/socket.h>
-#include <linux/vm_sockets.h>
-
-static int readline(int fd, char *buf, int cap) {
-    int n = 0;
-    while (n < cap - 1) {
-        char c;
-        int r = read(fd, &c, 1);
-        if (r <= 0) break;
-        if (c == '\n') break;
-        buf[n++] = c;
-    }
-    buf[n] = 0;
-    return n;
-}
-
-int main(int argc, char **argv) {
-    struct sockaddr_vm a;
-    memset(&a, 0, sizeof a);
-    a.svm_family = AF_VSOCK;
-    if (argc == 3 && !strcmp(argv[1], "listen")) {
-        int s = socket(AF_VSOCK, SOCK_STREAM, 0);
-        a.svm_cid = VMADDR_CID_ANY;
-        a.svm_port = atoi(argv[2]);
-        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4)) { perror("listen"); return 1; }
-        printf("VMPOD-LISTENING %s\n", argv[2]);
-        fflush(stdout);
-        for (;;) {
-            int c = accept(s, NULL, NULL);
-            if (c < 0) { perror("accept"); return 1; }
-            char line[512], out[600];
-            readline(c, line, sizeof line);
-            int n = snprintf(out, sizeof out, "echo:%s\n", line);
-            write(c, out, n);
-            close(c);
-            if (!strcmp(line, "quit")) return 0;
-        }
-    }
-    if (argc == 3 && !strcmp(argv[1], "echo")) {
-        int s = socket(AF_VSOCK, SOCK_STREAM, 0);
-        a.svm_cid = VMADDR_CID_ANY;
-        a.svm_port = atoi(argv[2]);
-        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4)) { perror("echo"); return 1; }
-        printf("VMPOD-ECHO-LISTENING %s\n", argv[2]);
-        fflush(stdout);
-        int c = accept(s, NULL, NULL);
-        if (c < 0) { perror("accept"); return 1; }
-        static char buf[65536];
-        long total = 0;
-        for (;;) {
-            int n = read(c, buf, sizeof buf);
-            if (n <= 0) break;
-            for (int off = 0; off < n;) {
-                int w = write(c, buf + off, n - off);
-                if (w <= 0) return 1;
-                off += w;
-            }
-            total += n;
-        }
-        printf("VMPOD-ECHOED=%ld\n", total);
-        return 0;
-    }
-    if (argc == 5 && !strcmp(argv[1], "connect")) {
-        int s = socket(AF_VSOCK, SOCK_STREAM, 0);
-        a.svm_cid = atoi(argv[2]);
-        a.svm_port = atoi(argv[3]);
-        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-        char msg[512], line[512];
-        int n = snprintf(msg, sizeof msg, "%s\n", argv[4]);
-        write(s, msg, n);
-        readline(s, line, sizeof line);
-        printf("%s\n", line);
-        return 0;
-    }
-    fprintf(stderr, "usage: vsock_probe listen PORT | connect CID PORT MSG\n");
-    return 2;
-}
-"#;
-
 struct Artifacts {
     kernel: PathBuf,
     initrd: PathBuf,
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Kernel + test initramfs, built once per test binary.
@@ -169,80 +104,14 @@ fn artifacts() -> &'static Artifacts {
             kernel.display()
         );
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm_qemu");
-        let root = work.join("root");
-        let _ = std::fs::remove_dir_all(&work);
-        for d in ["bin", "proc", "sys", "dev", "mnt"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .expect("/bin/busybox (Debian busybox-static) is needed");
-        let src = work.join("vsock_probe.c");
-        std::fs::write(&src, VSOCK_PROBE_C).unwrap();
-        run_ok(
-            Command::new("gcc")
-                .args(["-static", "-O2", "-o"])
-                .arg(root.join("bin/vsock_probe"))
-                .arg(&src),
-        );
-        let init = root.join("init");
-        std::fs::write(&init, INIT).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let initrd = work.join("initrd.cpio");
-        run_ok(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
-            "find . | sort | cpio --quiet -o -H newc -R 0:0 > {}",
-            initrd.display()
-        )));
+        let initrd = Initramfs::new(&work.join("root"))
+            .dirs(&["proc", "sys", "dev", "mnt"])
+            .busybox()
+            .vsock_probe()
+            .init(INIT)
+            .cpio(&work.join("initrd.cpio"));
         Artifacts { kernel, initrd }
     })
-}
-
-/// Wait until the console log contains `needle`; returns the whole log.
-fn wait_console(log: &Path, needle: &str, child: Option<&mut Child>) -> String {
-    let start = Instant::now();
-    let mut child = child;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        if let Some(c) = child.as_deref_mut() {
-            if let Some(status) = c.try_wait().unwrap() {
-                panic!("VM exited ({status}) before printing {needle:?}; console:\n{text}");
-            }
-        }
-        assert!(
-            start.elapsed() < BOOT_TIMEOUT,
-            "no {needle:?} within {BOOT_TIMEOUT:?}; console:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn console_value(text: &str, key: &str) -> String {
-    text.lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .unwrap_or_else(|| panic!("{key} not on the console:\n{text}"))
-        .to_string()
-}
-
-/// Host-initiated hybrid-vsock connection: CONNECT, OK, one line each way.
-fn host_to_guest(uds: &Path, port: u32, line: &str) -> String {
-    let mut s = UnixStream::connect(uds).expect("connect to the VM's vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // The CONNECT line in one write (our muxer also accepts it in pieces).
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert!(
-        ok.starts_with("OK "),
-        "hybrid vsock handshake answered {ok:?}"
-    );
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    r.read_line(&mut reply).unwrap();
-    reply.trim_end().to_string()
 }
 
 /// Saturate one connection in both directions at once: a writer thread
@@ -288,102 +157,20 @@ fn saturated_echo(uds: &Path, port: u32, total: usize) {
     assert_eq!(got, total, "all bytes echoed before the guest closed");
 }
 
-fn vm_run_cmd(dir: &Path, cmdline: &str, extra: &[&str]) -> Command {
+/// `vmpod vm run` on QEMU/TCG with the test kernel and initramfs, 2 vCPUs
+/// and 256 MiB, files in `dir`; killed if the test fails before it exits.
+fn start_vm(dir: &Path, cmdline: &str, extra: &[&str]) -> ChildGuard {
     let a = artifacts();
-    let mut cmd = Command::new(vmpod_bin());
-    cmd.args(["vm", "run", "--hypervisor", "qemu", "--accel", "tcg"])
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
-        .args(["--cmdline", cmdline, "--vcpus", "2", "--memory-mib", "256"])
-        .arg("--vsock-uds")
-        .arg(dir.join("vm.vsock"))
-        .arg("--console-log")
-        .arg(dir.join("console.log"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// A `vmpod vm run` process that is killed if the test fails before it
-/// exits (QEMU and the helpers die with it: parent-death signal).
-struct VmChild(Option<Child>);
-
-impl std::ops::Deref for VmChild {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        self.0.as_ref().expect("child present")
-    }
-}
-
-impl std::ops::DerefMut for VmChild {
-    fn deref_mut(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child present")
-    }
-}
-
-impl Drop for VmChild {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_vm(mut cmd: Command) -> VmChild {
-    VmChild(Some(cmd.spawn().expect("spawn vmpod vm run")))
-}
-
-fn wait_exit(mut vm: VmChild) -> Output {
-    let mut child = vm.0.take().expect("child present");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            panic!("vmpod vm run did not exit within {BOOT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// Child PIDs of `pid` (all threads).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie (exited, not yet reaped) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn wait_gone(pids: &[u32]) {
-    let start = Instant::now();
-    while pids.iter().any(|&p| alive(p)) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "processes left behind: {pids:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ChildGuard::spawn(
+        vm_run_command(dir)
+            .args(["--hypervisor", "qemu", "--accel", "tcg"])
+            .arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initrd")
+            .arg(&a.initrd)
+            .args(["--cmdline", cmdline, "--vcpus", "2", "--memory-mib", "256"])
+            .args(extra),
+    )
 }
 
 /// One VM through the real CLI: boot marker, CPU count, virtio-fs share,
@@ -395,27 +182,18 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello.txt"), "shared-from-host").unwrap();
-    let uds = dir.path().join("vm.vsock");
+    let uds = dir.path().join(VSOCK_UDS);
     // Guest → host: the guest connects to CID 2 port 6000 → <uds>_6000.
-    let g2h = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
-    let g2h_thread = std::thread::spawn(move || {
-        let (mut s, _) = g2h.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        writeln!(s, "host-got:{}", line.trim_end()).unwrap();
-        line
-    });
+    let g2h_thread = serve_guest_connect(&uds, 6000);
 
     let share_arg = format!("share={}", share.display());
-    let mut child = spawn_vm(vm_run_cmd(
+    let mut child = start_vm(
         dir.path(),
         "quiet vmpod_test=full",
         &["--share", &share_arg],
-    ));
-    let console = dir.path().join("console.log");
-    let text = wait_console(&console, "VMPOD-LISTENING 5000", Some(&mut child));
+    );
+    let console = dir.path().join(CONSOLE_LOG);
+    let text = child.wait_console(&console, "VMPOD-LISTENING 5000", BOOT_TIMEOUT);
     assert!(text.contains(MARKER));
     assert_eq!(
         console_value(&text, "VMPOD-NPROC="),
@@ -440,7 +218,7 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
 
     // Bulk traffic, both directions saturated at once, then a half-close:
     // 16 MiB through the guest's echo.
-    wait_console(&console, "VMPOD-ECHO-LISTENING 5001", None);
+    wait_console(&console, "VMPOD-ECHO-LISTENING 5001", BOOT_TIMEOUT, None);
     saturated_echo(&uds, 5001, ECHO_BYTES);
 
     // Host → guest: two connections (the second tells the listener to quit).
@@ -450,7 +228,7 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
     );
     assert_eq!(host_to_guest(&uds, 5000, "quit"), "echo:quit");
 
-    let out = wait_exit(child);
+    let out = child.wait_exit(BOOT_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "powered-off guest → exit 0: {stderr}");
     let text = std::fs::read_to_string(&console).unwrap();
@@ -463,17 +241,129 @@ fn cli_boots_exchanges_vsock_and_powers_off() {
     assert!(!uds.exists(), "vsock socket removed");
 }
 
+/// A raw 1 MiB disk image whose first line is `marker`.
+fn marked_image(marker: &str) -> Vec<u8> {
+    let mut img = vec![0u8; 1 << 20];
+    let line = format!("{marker}\n");
+    img[..line.len()].copy_from_slice(line.as_bytes());
+    img
+}
+
+/// virtio-blk and virtio-net through the CLI's `--disk` and `--net`: the
+/// guest reads both disks' markers, writes to the read-write one (the host
+/// finds the write in the image afterwards) and fails to write the
+/// read-only one (its image stays byte for byte the same); on a host TAP
+/// the guest pings the host and the host pings the guest; the TAP is
+/// deleted afterwards, also when the test fails.
+#[test]
+fn cli_disks_and_tap_network() {
+    if let Some(why) = tap_unavailable() {
+        eprintln!("SKIP cli_disks_and_tap_network: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let rw_marker = format!("vmpod-rw-disk-{nonce}");
+    let ro_marker = format!("vmpod-ro-disk-{nonce}");
+    let (rw, ro) = (dir.path().join("rw.img"), dir.path().join("ro.img"));
+    std::fs::write(&rw, marked_image(&rw_marker)).unwrap();
+    let ro_before = marked_image(&ro_marker);
+    std::fs::write(&ro, &ro_before).unwrap();
+
+    // A /30 of our own per test process: vmm_probes.rs uses 10.213.x.0/24.
+    let pid = std::process::id();
+    let subnet = format!("10.214.{}", pid % 250 + 1);
+    let (host_ip, guest_ip) = (format!("{subnet}.1"), format!("{subnet}.2"));
+    let tap = Tap::create(&format!("vmpq{}", pid % 100_000), &format!("{host_ip}/30"));
+    let mac = "02:00:00:00:02:0e";
+
+    let cmdline = format!("quiet vmpod_test=devices vmpod_ip={guest_ip}/30 vmpod_peer={host_ip}");
+    let rw_arg = rw.display().to_string();
+    let ro_arg = format!("{},ro", ro.display());
+    let net_arg = format!("{},{mac}", tap.name);
+    let mut child = start_vm(
+        dir.path(),
+        &cmdline,
+        &["--disk", &rw_arg, "--disk", &ro_arg, "--net", &net_arg],
+    );
+    let console = dir.path().join(CONSOLE_LOG);
+    let text = child.wait_console(&console, "VMPOD-LISTENING 5000", BOOT_TIMEOUT);
+
+    // virtio-blk: first --disk is vda, second vdb; flags and writes.
+    assert_eq!(
+        console_value(&text, "VMPOD-vda-MARKER="),
+        rw_marker,
+        "{text}"
+    );
+    assert_eq!(
+        console_value(&text, "VMPOD-vdb-MARKER="),
+        ro_marker,
+        "{text}"
+    );
+    assert_eq!(console_value(&text, "VMPOD-vda-RO="), "0", "vda writable");
+    assert_eq!(console_value(&text, "VMPOD-vdb-RO="), "1", "vdb read-only");
+    assert_eq!(console_value(&text, "VMPOD-vda-WRITE="), "ok", "{text}");
+    let ro_write = console_value(&text, "VMPOD-vdb-WRITE=");
+    assert!(
+        ro_write.starts_with("failed: "),
+        "writing the read-only disk must fail: {ro_write}"
+    );
+
+    // virtio-net: our MAC, guest → host ping, host → guest ping.
+    assert_eq!(console_value(&text, "VMPOD-MAC="), mac);
+    let ping = console_value(&text, "VMPOD-PING-HOST=");
+    assert!(
+        ping.starts_with("ok: "),
+        "guest pings the host: {ping}\n{text}"
+    );
+    assert!(
+        ping_ok(&guest_ip),
+        "host pings the guest at {guest_ip}\n{text}"
+    );
+
+    let uds = dir.path().join(VSOCK_UDS);
+    assert_eq!(host_to_guest(&uds, 5000, "quit"), "echo:quit");
+    let out = child.wait_exit(BOOT_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "powered-off guest → exit 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The guest's write reached the read-write image; its marker is intact.
+    let rw_after = std::fs::read(&rw).unwrap();
+    assert!(rw_after.starts_with(format!("{rw_marker}\n").as_bytes()));
+    let written = format!("guest-saw:{rw_marker}\n");
+    assert_eq!(
+        String::from_utf8_lossy(&rw_after[4096..4096 + written.len()]),
+        written,
+        "guest write at offset 4096 of the read-write image"
+    );
+    assert_eq!(rw_after.len(), 1 << 20, "image size unchanged");
+    assert!(
+        std::fs::read(&ro).unwrap() == ro_before,
+        "read-only image changed"
+    );
+
+    let name = tap.name.clone();
+    drop(tap);
+    assert!(!link_exists(&name), "TAP {name} deleted");
+}
+
 /// A guest whose init exits panics the kernel: non-zero exit, reason printed.
 #[test]
 fn cli_reports_guest_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let exit_json = dir.path().join("exit.json");
-    let child = spawn_vm(vm_run_cmd(
+    let exit_json = dir.path().join(EXIT_JSON);
+    let child = start_vm(
         dir.path(),
         "vmpod_test=panic",
         &["--exit-json", exit_json.to_str().unwrap()],
-    ));
-    let out = wait_exit(child);
+    );
+    let out = child.wait_exit(BOOT_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -484,33 +374,33 @@ fn cli_reports_guest_panic() {
         stderr.contains("guest crashed: Kernel panic - not syncing: Attempted to kill init!"),
         "{stderr}"
     );
-    let reason: ExitReason = serde_json::from_slice(&std::fs::read(&exit_json).unwrap()).unwrap();
+    let reason = exit_reason(&exit_json);
     assert!(
         matches!(reason, ExitReason::Crashed(ref r) if r.contains("Kernel panic")),
         "{reason:?}"
     );
-    assert!(!dir.path().join("vm.vsock").exists());
+    assert!(!dir.path().join(VSOCK_UDS).exists());
 }
 
 /// A guest reboot ends the microVM cleanly: exit 0, reason `Reboot`.
 #[test]
 fn cli_guest_reboot_is_a_clean_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let exit_json = dir.path().join("exit.json");
-    let child = spawn_vm(vm_run_cmd(
+    let exit_json = dir.path().join(EXIT_JSON);
+    let child = start_vm(
         dir.path(),
         "vmpod_test=reboot",
         &["--exit-json", exit_json.to_str().unwrap()],
-    ));
-    let out = wait_exit(child);
+    );
+    let out = child.wait_exit(BOOT_TIMEOUT);
     assert!(
         out.status.success(),
         "reboot → exit 0: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reason: ExitReason = serde_json::from_slice(&std::fs::read(&exit_json).unwrap()).unwrap();
+    let reason = exit_reason(&exit_json);
     assert_eq!(reason, ExitReason::Reboot);
-    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    let console = std::fs::read_to_string(dir.path().join(CONSOLE_LOG)).unwrap();
     assert!(console.contains(MARKER), "{console}");
 }
 
@@ -518,23 +408,19 @@ fn cli_guest_reboot_is_a_clean_exit() {
 #[test]
 fn cli_sigterm_stops_the_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_vm(vm_run_cmd(dir.path(), "vmpod_test=idle", &[]));
-    wait_console(&dir.path().join("console.log"), MARKER, Some(&mut child));
+    let mut child = start_vm(dir.path(), "vmpod_test=idle", &[]);
+    child.wait_console(&dir.path().join(CONSOLE_LOG), MARKER, BOOT_TIMEOUT);
     let helpers = children(child.id());
     assert!(helpers.len() >= 2, "qemu + vsock back-end: {helpers:?}");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_exit(child);
+    child.sigterm();
+    let out = child.wait_exit(BOOT_TIMEOUT);
     assert!(
         out.status.success(),
         "SIGTERM → exit 0: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     wait_gone(&helpers);
-    assert!(
-        !dir.path().join("vm.vsock").exists(),
-        "vsock socket removed"
-    );
+    assert!(!dir.path().join(VSOCK_UDS).exists(), "vsock socket removed");
 }
 
 /// The library API the sandbox code and the agent tests use: start, talk,
@@ -567,7 +453,7 @@ async fn library_start_and_stop() {
     assert!(alive(pid));
     let log = config.console_log.clone();
     let text = tokio::select! {
-        t = tokio::task::spawn_blocking(move || wait_console(&log, "VMPOD-IDLE", None)) => t.unwrap(),
+        t = tokio::task::spawn_blocking(move || wait_console(&log, "VMPOD-IDLE", BOOT_TIMEOUT, None)) => t.unwrap(),
         r = vm.wait() => panic!(
             "VM ended before its init ran: {r:?}; console:\n{}",
             std::fs::read_to_string(&config.console_log).unwrap_or_default()

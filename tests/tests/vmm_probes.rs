@@ -14,11 +14,15 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::{build_dir, vmpod_bin};
+use vmpod_tests::build_dir;
+use vmpod_tests::initramfs::Initramfs;
+use vmpod_tests::net::{ping_ok, Tap};
+use vmpod_tests::process::{strip_ansi, ChildGuard};
+use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
 
 /// Boot to the root-device wait takes ~20-60 s here (emulated kernel mode,
 /// busy 2-core machine); be generous.
@@ -32,18 +36,7 @@ fn subnet() -> String {
 
 /// Why this host cannot run the probes, if it cannot.
 fn skip_reason() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("no /dev/kvm on this host".into());
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Some("/dev/kvm is not accessible to this user".into());
-    }
-    None
+    vmpod_tests::device_unavailable("/dev/kvm")
 }
 
 fn kernel() -> PathBuf {
@@ -73,146 +66,26 @@ fn partitioned_disk(path: &Path) {
     std::fs::write(path, img).unwrap();
 }
 
-/// A TAP device with the host side of the guest's network; deleted on drop.
-struct Tap {
-    name: String,
-}
-
-impl Tap {
-    fn create() -> Tap {
-        let name = format!("vmpt{}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = Command::new("ip").args(["link", "del", &name]).output();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        let tap = Tap { name };
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}.1/24", subnet()),
-            "dev",
-            &tap.name,
-        ]);
-        ip(&["link", "set", &tap.name, "up"]);
-        tap
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .output();
-    }
+/// This process's TAP device, `<subnet>.1/24` on the host side.
+fn tap() -> Tap {
+    Tap::create(
+        &format!("vmpt{}", std::process::id() % 100_000),
+        &format!("{}.1/24", subnet()),
+    )
 }
 
 fn vm_cmd(dir: &Path, cmdline: &str, vcpus: u8, extra: &[String]) -> Command {
-    let mut cmd = Command::new(vmpod_bin());
-    cmd.args(["vm", "run", "--hypervisor", "builtin"])
+    let mut cmd = vm_run_command(dir);
+    cmd.args(["--hypervisor", "builtin"])
         .arg("--kernel")
         .arg(kernel())
         .args(["--cmdline", cmdline, "--memory-mib", "128"])
         .args(["--vcpus", &vcpus.to_string()])
-        .arg("--vsock-uds")
-        .arg(dir.join("vm.vsock"))
-        .arg("--console-log")
-        .arg(dir.join("console.log"))
         .arg("--exit-json")
-        .arg(dir.join("exit.json"))
+        .arg(dir.join(EXIT_JSON))
         .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "info");
     cmd
-}
-
-/// Wait until the console log contains `needle`; returns the whole log.
-fn wait_console(log: &Path, needle: &str, child: &mut Child) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(e) = child.stderr.as_mut() {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!(
-                "VM exited ({status}) before printing {needle:?}\nstderr: {err}\nconsole:\n{text}"
-            );
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            panic!("no {needle:?} within {BOOT_TIMEOUT:?}; console:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The `vmpod vm run` process; killed if a failing test leaves it running.
-struct Vm(Option<Child>);
-
-impl Vm {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("running")
-    }
-
-    fn pid(&self) -> i32 {
-        self.0.as_ref().expect("running").id() as i32
-    }
-
-    fn wait_exit(mut self, limit: Duration) -> Output {
-        let mut child = self.0.take().expect("running");
-        let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("vmpod vm run did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        child.wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The tracing output without colour codes.
-fn plain(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Counter `key=N` on the exit-summary line of `device`.
@@ -230,20 +103,6 @@ fn device_counter(log: &str, device: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
-fn ping_ok(ip: &str) -> bool {
-    for _ in 0..5 {
-        let out = Command::new("ping")
-            .args(["-c", "2", "-W", "5", ip])
-            .output()
-            .expect("ping (iputils-ping)");
-        if out.status.success() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    false
-}
-
 /// One VM, several probes: boot to the root wait, partition scan on
 /// virtio-blk, in-kernel IP config + ping over virtio-net/TAP, a refused
 /// host vsock CONNECT, virtio-rng reads; then SIGTERM → exit 0, socket gone.
@@ -256,7 +115,7 @@ fn builtin_vm_kernel_probes() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     partitioned_disk(&disk);
-    let tap = Tap::create();
+    let tap = tap();
     let (guest_ip, host_ip) = (format!("{}.15", subnet()), format!("{}.1", subnet()));
     let cmdline =
         format!("root=/dev/missing rootwait ip={guest_ip}::{host_ip}:255.255.255.0::eth0:off");
@@ -267,15 +126,17 @@ fn builtin_vm_kernel_probes() {
         format!("{},02:00:00:00:00:0f", tap.name),
     ];
     let started = Instant::now();
-    let mut vm = Vm(Some(
-        vm_cmd(dir.path(), &cmdline, 1, &extra).spawn().unwrap(),
-    ));
-    let console = dir.path().join("console.log");
-    let uds = dir.path().join("vm.vsock");
+    let mut vm = ChildGuard::spawn(&mut vm_cmd(dir.path(), &cmdline, 1, &extra));
+    let console = dir.path().join(CONSOLE_LOG);
+    let uds = dir.path().join(VSOCK_UDS);
 
-    wait_console(&console, "Linux version", vm.child());
+    vm.wait_console(&console, "Linux version", BOOT_TIMEOUT);
     eprintln!("first kernel line after {:?}", started.elapsed());
-    let text = wait_console(&console, "Waiting for root device /dev/missing", vm.child());
+    let text = vm.wait_console(
+        &console,
+        "Waiting for root device /dev/missing",
+        BOOT_TIMEOUT,
+    );
     eprintln!("root wait after {:?}", started.elapsed());
 
     let cmd_line = text
@@ -334,13 +195,11 @@ fn builtin_vm_kernel_probes() {
     );
 
     // Stop: SIGTERM → clean exit, exit reason Stopped, socket removed.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+    vm.sigterm();
     let out = vm.wait_exit(Duration::from_secs(30));
-    let log = plain(&out.stderr);
+    let log = strip_ansi(&out.stderr);
     assert!(out.status.success(), "SIGTERM → exit 0:\n{log}");
-    let reason: ExitReason =
-        serde_json::from_slice(&std::fs::read(dir.path().join("exit.json")).unwrap()).unwrap();
+    let reason = exit_reason(&dir.path().join(EXIT_JSON));
     assert_eq!(reason, ExitReason::Stopped);
     assert!(!uds.exists(), "vsock socket removed");
 
@@ -382,19 +241,15 @@ fn builtin_guest_panic_is_reported_as_crash() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm(Some(
-        vm_cmd(
-            dir.path(),
-            "root=/dev/missing",
-            1,
-            &["--no-rng".to_string()],
-        )
-        .spawn()
-        .unwrap(),
+    let vm = ChildGuard::spawn(&mut vm_cmd(
+        dir.path(),
+        "root=/dev/missing",
+        1,
+        &["--no-rng".to_string()],
     ));
     let out = vm.wait_exit(BOOT_TIMEOUT);
-    let stderr = plain(&out.stderr);
-    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+    let stderr = strip_ansi(&out.stderr);
+    let console = std::fs::read_to_string(dir.path().join(CONSOLE_LOG)).unwrap_or_default();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -404,39 +259,20 @@ fn builtin_guest_panic_is_reported_as_crash() {
         stderr.contains("Kernel panic - not syncing: VFS: Unable to mount root fs"),
         "{stderr}"
     );
-    let reason: ExitReason =
-        serde_json::from_slice(&std::fs::read(dir.path().join("exit.json")).unwrap()).unwrap();
+    let reason = exit_reason(&dir.path().join(EXIT_JSON));
     assert!(
         matches!(&reason, ExitReason::Crashed(r) if r.contains("VFS: Unable to mount root fs")),
         "{reason:?}"
     );
-    assert!(!dir.path().join("vm.vsock").exists());
+    assert!(!dir.path().join(VSOCK_UDS).exists());
 }
 
 /// A tiny initramfs: busybox as `/init` (a shell script).
 fn tiny_initramfs(dir: &Path) -> PathBuf {
-    let root = dir.join("initramfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    std::fs::write(
-        root.join("init"),
-        "#!/bin/busybox sh\n/bin/busybox echo VMPOD-INIT-RAN\nexec /bin/busybox sleep 1000\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = dir.join("initrd.cpio");
-    let st = Command::new("sh")
-        .current_dir(&root)
-        .arg("-c")
-        .arg(format!(
-            "find . | sort | cpio --quiet -o -H newc -R 0:0 > {}",
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(st.success(), "cpio");
-    out
+    Initramfs::new(&dir.join("initramfs"))
+        .busybox()
+        .init("#!/bin/busybox sh\n/bin/busybox echo VMPOD-INIT-RAN\nexec /bin/busybox sleep 1000\n")
+        .cpio(&dir.join("initrd.cpio"))
 }
 
 /// With an initramfs the kernel unpacks it and starts `/init`. On PVM hosts
@@ -457,9 +293,9 @@ fn builtin_boot_reaches_run_init() {
         "--no-rng".to_string(),
     ];
     let started = Instant::now();
-    let mut vm = Vm(Some(vm_cmd(dir.path(), "", 1, &extra).spawn().unwrap()));
-    let console = dir.path().join("console.log");
-    let text = wait_console(&console, "Run /init as init process", vm.child());
+    let mut vm = ChildGuard::spawn(&mut vm_cmd(dir.path(), "", 1, &extra));
+    let console = dir.path().join(CONSOLE_LOG);
+    let text = vm.wait_console(&console, "Run /init as init process", BOOT_TIMEOUT);
     eprintln!("`Run /init` after {:?}", started.elapsed());
     assert!(
         text.contains("Unpacking initramfs") || text.contains("Trying to unpack rootfs"),
@@ -467,15 +303,13 @@ fn builtin_boot_reaches_run_init() {
     );
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     if !pvm {
-        wait_console(&console, "VMPOD-INIT-RAN", vm.child());
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+        vm.wait_console(&console, "VMPOD-INIT-RAN", BOOT_TIMEOUT);
+        vm.sigterm();
     }
     let out = vm.wait_exit(BOOT_TIMEOUT);
-    let reason: ExitReason =
-        serde_json::from_slice(&std::fs::read(dir.path().join("exit.json")).unwrap()).unwrap();
+    let reason = exit_reason(&dir.path().join(EXIT_JSON));
     if pvm {
-        assert_eq!(out.status.code(), Some(2), "{}", plain(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{}", strip_ansi(&out.stderr));
         assert!(
             matches!(&reason, ExitReason::Crashed(r) if r.contains("Attempted to kill init")),
             "PVM: init cannot make syscalls, so the kernel panics: {reason:?}"

@@ -7,15 +7,18 @@
 //!
 //! Needs: /dev/kvm (hardware), build/guest/vmlinux, busybox-static, gcc.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::{build_dir, vmpod_bin};
+use vmpod_tests::build_dir;
+use vmpod_tests::initramfs::Initramfs;
+use vmpod_tests::process::ChildGuard;
+use vmpod_tests::vm::{
+    console_value, exit_reason, host_to_guest, serve_guest_connect, vm_run_command, CONSOLE_LOG,
+    EXIT_JSON, VSOCK_UDS,
+};
 
 const MARKER: &str = "VMPOD-BUILTIN-INIT";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,46 +39,6 @@ echo "VMPOD-G2H=$(/bin/vsock_probe connect 2 6000 hello-from-guest)"
 poweroff -f
 "#;
 
-/// `listen PORT`: echo `echo:<line>` per connection until `quit`;
-/// `connect CID PORT MSG`: send MSG, print the reply line.
-const VSOCK_PROBE_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/socket.h>
-#include <linux/vm_sockets.h>
-static int readline(int fd, char *b, int cap) {
-    int n = 0; char c;
-    while (n < cap - 1 && read(fd, &c, 1) == 1 && c != '\n') b[n++] = c;
-    b[n] = 0; return n;
-}
-int main(int argc, char **argv) {
-    struct sockaddr_vm a; memset(&a, 0, sizeof a); a.svm_family = AF_VSOCK;
-    int s = socket(AF_VSOCK, SOCK_STREAM, 0);
-    if (argc == 3 && !strcmp(argv[1], "listen")) {
-        a.svm_cid = VMADDR_CID_ANY; a.svm_port = atoi(argv[2]);
-        if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 4)) return 1;
-        printf("VMPOD-LISTENING %s\n", argv[2]); fflush(stdout);
-        for (;;) {
-            int c = accept(s, NULL, NULL); char l[512], o[600];
-            if (c < 0) return 1;
-            readline(c, l, sizeof l);
-            write(c, o, snprintf(o, sizeof o, "echo:%s\n", l)); close(c);
-            if (!strcmp(l, "quit")) return 0;
-        }
-    }
-    if (argc == 5 && !strcmp(argv[1], "connect")) {
-        a.svm_cid = atoi(argv[2]); a.svm_port = atoi(argv[3]);
-        if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-        char m[512], l[512];
-        write(s, m, snprintf(m, sizeof m, "%s\n", argv[4]));
-        readline(s, l, sizeof l); printf("%s\n", l); return 0;
-    }
-    return 2;
-}
-"#;
-
 /// Why guest userspace cannot run under our VMM here, if it cannot.
 fn skip_reason() -> Option<&'static str> {
     if !Path::new("/dev/kvm").exists() {
@@ -90,115 +53,33 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
+/// The test initramfs (busybox `/init` above plus `/bin/vsock_probe`),
+/// built once per test binary.
 fn initrd() -> &'static PathBuf {
     static I: OnceLock<PathBuf> = OnceLock::new();
     I.get_or_init(|| {
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vmm_userspace");
-        let root = work.join("root");
-        let _ = std::fs::remove_dir_all(&work);
-        for d in ["bin", "proc", "sys", "dev"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-        let src = work.join("vsock_probe.c");
-        std::fs::write(&src, VSOCK_PROBE_C).unwrap();
-        run_ok(
-            Command::new("gcc")
-                .args(["-static", "-O2", "-o"])
-                .arg(root.join("bin/vsock_probe"))
-                .arg(&src),
-        );
-        std::fs::write(root.join("init"), INIT).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-        let out = work.join("initrd.cpio");
-        run_ok(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
-            "find . | sort | cpio --quiet -o -H newc -R 0:0 > {}",
-            out.display()
-        )));
-        out
+        Initramfs::new(&work.join("root"))
+            .dirs(&["proc", "sys", "dev"])
+            .busybox()
+            .vsock_probe()
+            .init(INIT)
+            .cpio(&work.join("initrd.cpio"))
     })
 }
 
-fn vm(dir: &Path, cmdline: &str) -> Child {
-    Command::new(vmpod_bin())
-        .args(["vm", "run", "--hypervisor", "builtin"])
-        .arg("--kernel")
-        .arg(build_dir().join("guest/vmlinux"))
-        .arg("--initrd")
-        .arg(initrd())
-        .args(["--cmdline", cmdline, "--vcpus", "2", "--memory-mib", "256"])
-        .arg("--vsock-uds")
-        .arg(dir.join("vm.vsock"))
-        .arg("--console-log")
-        .arg(dir.join("console.log"))
-        .arg("--exit-json")
-        .arg(dir.join("exit.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_console(log: &Path, needle: &str, child: &mut Child) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("VM exited ({st}) before {needle:?}:\n{text}");
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            panic!("no {needle:?} within {BOOT_TIMEOUT:?}:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_exit(mut child: Child) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            panic!("VM did not exit within {BOOT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn value(text: &str, key: &str) -> String {
-    text.lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .unwrap_or_else(|| panic!("{key} not on the console:\n{text}"))
-        .to_string()
-}
-
-fn host_to_guest(uds: &Path, port: u32, line: &str) -> String {
-    let mut s = UnixStream::connect(uds).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    writeln!(s, "CONNECT {port}").unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK "), "handshake: {ok:?}");
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    r.read_line(&mut reply).unwrap();
-    reply.trim_end().to_string()
+fn vm(dir: &Path, cmdline: &str) -> ChildGuard {
+    ChildGuard::spawn(
+        vm_run_command(dir)
+            .args(["--hypervisor", "builtin"])
+            .arg("--kernel")
+            .arg(build_dir().join("guest/vmlinux"))
+            .arg("--initrd")
+            .arg(initrd())
+            .args(["--cmdline", cmdline, "--vcpus", "2", "--memory-mib", "256"])
+            .arg("--exit-json")
+            .arg(dir.join(EXIT_JSON)),
+    )
 }
 
 /// Boot marker, 2 vCPUs, virtio-rng, vsock both ways, power-off → exit 0.
@@ -209,35 +90,31 @@ fn builtin_userspace_vsock_and_poweroff() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let uds = dir.path().join("vm.vsock");
-    let g2h = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
-    let g2h_thread = std::thread::spawn(move || {
-        let (mut s, _) = g2h.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        writeln!(s, "host-got:{}", line.trim_end()).unwrap();
-    });
+    let uds = dir.path().join(VSOCK_UDS);
+    let g2h = serve_guest_connect(&uds, 6000);
     let mut child = vm(dir.path(), "quiet vmpod_test=full");
-    let console = dir.path().join("console.log");
-    let text = wait_console(&console, "VMPOD-LISTENING 5000", &mut child);
+    let console = dir.path().join(CONSOLE_LOG);
+    let text = child.wait_console(&console, "VMPOD-LISTENING 5000", BOOT_TIMEOUT);
     assert!(text.contains(MARKER));
-    assert_eq!(value(&text, "VMPOD-NPROC="), "2");
-    assert_eq!(value(&text, "VMPOD-RNG="), "64");
-    assert_eq!(value(&text, "VMPOD-G2H="), "host-got:hello-from-guest");
-    g2h_thread.join().unwrap();
+    assert_eq!(console_value(&text, "VMPOD-NPROC="), "2");
+    assert_eq!(console_value(&text, "VMPOD-RNG="), "64");
+    assert_eq!(
+        console_value(&text, "VMPOD-G2H="),
+        "host-got:hello-from-guest"
+    );
+    g2h.join().unwrap();
     assert_eq!(host_to_guest(&uds, 5000, "ping"), "echo:ping");
     assert_eq!(host_to_guest(&uds, 5000, "quit"), "echo:quit");
-    let out = wait_exit(child);
+    let out = child.wait_exit(BOOT_TIMEOUT);
     assert!(
         out.status.success(),
         "power-off → exit 0: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reason: ExitReason =
-        serde_json::from_slice(&std::fs::read(dir.path().join("exit.json")).unwrap()).unwrap();
-    assert_eq!(reason, ExitReason::PowerOff);
+    assert_eq!(
+        exit_reason(&dir.path().join(EXIT_JSON)),
+        ExitReason::PowerOff
+    );
     assert!(!uds.exists());
 }
 
@@ -249,7 +126,7 @@ fn builtin_userspace_panic_is_a_crash() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = wait_exit(vm(dir.path(), "vmpod_test=panic"));
+    let out = vm(dir.path(), "vmpod_test=panic").wait_exit(BOOT_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

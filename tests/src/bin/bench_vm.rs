@@ -12,12 +12,13 @@
 //! Prints a table and writes bench/results/vm.json (median + spread of N runs,
 //! BENCH_RUNS, default 5, and the machine).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vmpod_tests::initramfs::Initramfs;
+use vmpod_tests::process::{children, strip_ansi};
 use vmpod_tests::{build_dir, repo_root};
 
 const FIRST_LINE: &str = "Linux version";
@@ -307,7 +308,7 @@ fn watch(l: &mut Launch, start: Instant, needles: &[&str]) -> Result<Vec<f64>, S
             return Err(format!(
                 "exited ({status}) before {:?}: {}",
                 needles[times.len()],
-                strip_ansi(last)
+                strip_ansi(last.as_bytes())
             ));
         }
         if start.elapsed() > TIMEOUT {
@@ -379,20 +380,6 @@ fn proc_mem(pid: u32) -> Option<ProcMem> {
     })
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
 fn vmpod_cmd(
     vmpod: &Path,
     hypervisor: &str,
@@ -461,41 +448,19 @@ fn raw_qemu_kvm(kernel: &Path, initrd: Option<&Path>, cmdline: &str, dir: &Path)
 /// `/init` that does nothing (guest userspace is not needed to reach
 /// `Run /init`; on PVM hosts it cannot run anyway).
 fn tiny_initrd(work: &Path) -> PathBuf {
-    let root = work.join("tiny-root");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("init"), "#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    cpio(&root, &work.join("tiny.cpio"))
+    Initramfs::new(&work.join("tiny-root"))
+        .init("#!/bin/sh\n")
+        .cpio(&work.join("tiny.cpio"))
 }
 
 /// busybox-static `/init` printing the marker, then idling.
 fn busybox_initrd(work: &Path) -> PathBuf {
-    let root = work.join("bb-root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    std::fs::write(
-        root.join("init"),
-        format!(
+    Initramfs::new(&work.join("bb-root"))
+        .busybox()
+        .init(&format!(
             "#!/bin/busybox sh\necho {TCG_MARKER}\nwhile true; do /bin/busybox sleep 1; done\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    cpio(&root, &work.join("busybox.cpio"))
-}
-
-fn cpio(root: &Path, out: &Path) -> PathBuf {
-    let status = Command::new("sh")
-        .current_dir(root)
-        .arg("-c")
-        .arg(format!(
-            "find . | sort | cpio --quiet -o -H newc -R 0:0 > {}",
-            out.display()
         ))
-        .status()
-        .expect("cpio");
-    assert!(status.success(), "cpio failed");
-    out.to_path_buf()
+        .cpio(&work.join("busybox.cpio"))
 }
 
 fn vmpod_bin() -> PathBuf {
@@ -556,21 +521,4 @@ fn machine() -> Value {
         "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'"),
         "qemu": sh("qemu-system-x86_64 --version | head -n1"),
     })
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
