@@ -71,6 +71,7 @@ pub fn boot(name: &str) -> Result<AgentVm, String> {
             })
             .collect(),
         rng: true,
+        vsock_backend: Default::default(),
     };
     let console2 = console.clone();
     let booted = rt.block_on(async move {

@@ -442,6 +442,7 @@ async fn library_start_and_stop() {
         nets: vec![],
         shared_dirs: vec![],
         rng: false,
+        vsock_backend: Default::default(),
     };
     let hv = QemuHypervisor::discover(Accel::Tcg).unwrap();
     let vm = hv.start_vm(&config).await.unwrap();
@@ -560,6 +561,54 @@ fn cli_rejects_bad_input_with_one_line_errors() {
     v.extend(["--share".into(), "x".into()]);
     let e = run(v);
     assert!(e.contains("TAG=DIR"), "{e}");
+
+    let mut v = base(&a.kernel, "128", "1");
+    v.extend(["--vsock-backend".into(), "vhost".into()]);
+    let e = run(v);
+    assert!(e.contains("built-in VMM option"), "{e}");
+    assert!(!uds.exists(), "nothing left behind");
+}
+
+/// `--vsock-backend vhost` on a host without /dev/vhost-vsock: the built-in
+/// VMM refuses with a one-line error naming the device and leaves no socket.
+#[test]
+fn cli_builtin_vhost_vsock_without_the_device_is_a_clear_error() {
+    if std::path::Path::new("/dev/vhost-vsock").exists() {
+        eprintln!("skip: /dev/vhost-vsock exists here, so the missing-device path cannot be shown");
+        return;
+    }
+    if let Some(why) = vmpod_tests::device_unavailable("/dev/kvm") {
+        eprintln!("skip: the built-in VMM needs /dev/kvm: {why}");
+        return;
+    }
+    let a = artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let out = Command::new(vmpod_bin())
+        .args([
+            "vm",
+            "run",
+            "--hypervisor",
+            "builtin",
+            "--vsock-backend",
+            "vhost",
+        ])
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--console-log")
+        .arg(dir.path().join("console.log"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+    assert!(
+        stderr.contains("/dev/vhost-vsock does not exist"),
+        "{stderr}"
+    );
+    assert!(!uds.exists(), "no socket left behind");
 }
 
 /// The built-in backend's process supervision (its VM code is tested by the
@@ -592,6 +641,7 @@ async fn library_builtin_backend_start_and_stop() {
         nets: vec![],
         shared_dirs: vec![],
         rng: true,
+        vsock_backend: Default::default(),
     };
     let hv = BuiltinHypervisor::new(vmpod_bin());
     let vm = hv.start_vm(&config).await.unwrap();

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
 use vmpod_runtime::hypervisor::{
     DiskConfig, ExitReason, HypervisorKind, NetConfig, SharedDirConfig, VmConfig, VmHandle,
+    VsockBackend,
 };
 
 /// Exit code when the guest crashed.
@@ -53,7 +54,7 @@ struct RunArgs {
     #[arg(long, default_value = "auto")]
     accel: Accel,
     /// Whole VM config as JSON (a serialised VmConfig); replaces the flags below.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "vsock_uds", "console_log", "disk", "net", "share", "cid", "no_rng"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "vsock_uds", "console_log", "disk", "net", "share", "cid", "no_rng", "vsock_backend"])]
     config: Option<PathBuf>,
     /// Uncompressed vmlinux (ELF).
     #[arg(long, required_unless_present = "config")]
@@ -85,6 +86,10 @@ struct RunArgs {
     /// Guest vsock CID.
     #[arg(long, default_value_t = 3)]
     cid: u32,
+    /// Built-in VMM's vsock data path: userspace (default) or vhost
+    /// (/dev/vhost-vsock; host-initiated connections only).
+    #[arg(long, default_value = "userspace")]
+    vsock_backend: VsockBackend,
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -197,6 +202,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .map(|s| parse_share(s))
             .collect::<anyhow::Result<_>>()?,
         rng: !args.no_rng,
+        vsock_backend: args.vsock_backend,
     })
 }
 

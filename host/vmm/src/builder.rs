@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use linux_loader::loader::{elf::Elf, load_cmdline, Cmdline, KernelLoader};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmpod_runtime::hypervisor::VmConfig;
+use vmpod_runtime::hypervisor::{VmConfig, VsockBackend};
 
 use crate::arch::layout::{
     ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SIZE,
@@ -168,10 +168,11 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
     if config.rng {
         devices.push(Box::new(rng::Rng::new()?));
     }
-    devices.push(Box::new(vsock::Vsock::new(
-        u64::from(config.guest_cid),
-        &config.vsock_uds,
-    )?));
+    let cid = u64::from(config.guest_cid);
+    devices.push(match config.vsock_backend {
+        VsockBackend::Userspace => Box::new(vsock::Vsock::new(cid, &config.vsock_uds)?),
+        VsockBackend::Vhost => Box::new(vsock::vhost::VhostVsock::new(cid, &config.vsock_uds)?),
+    });
 
     let mut mmio = Bus::new();
     let mut virtio = Vec::new();

@@ -20,12 +20,23 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct BuiltinHypervisor {
     vmpod: PathBuf,
+    die_with_parent: bool,
 }
 
 impl BuiltinHypervisor {
     /// Use `vmpod` (the binary with the `vm run` subcommand).
     pub fn new(vmpod: PathBuf) -> BuiltinHypervisor {
-        BuiltinHypervisor { vmpod }
+        BuiltinHypervisor {
+            vmpod,
+            die_with_parent: false,
+        }
+    }
+
+    /// Have the kernel kill the VMM process if the thread that started it
+    /// dies (even by SIGKILL), as [`super::qemu::QemuHypervisor::die_with_parent`].
+    pub fn die_with_parent(mut self, yes: bool) -> BuiltinHypervisor {
+        self.die_with_parent = yes;
+        self
     }
 
     /// Use the running executable (right inside the `vmpod` daemon).
@@ -57,7 +68,7 @@ impl BuiltinHypervisor {
             "--exit-json".into(),
             exit_path.to_string_lossy().into_owned(),
         ];
-        let mut child = process::spawn(&self.vmpod, &args, &log, false)?;
+        let mut child = process::spawn(&self.vmpod, &args, &log, self.die_with_parent)?;
         process::wait_for_path(
             &config.vsock_uds,
             &mut child,

@@ -66,6 +66,36 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub shared_dirs: Vec<SharedDirConfig>,
     pub rng: bool,
+    /// Who moves the guest's vsock packets (built-in VMM only).
+    #[serde(default)]
+    pub vsock_backend: VsockBackend,
+}
+
+/// The built-in VMM's vsock data path. Either way callers see the same
+/// hybrid unix socket at [`VmConfig::vsock_uds`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VsockBackend {
+    /// Our device in the VMM process (host- and guest-initiated
+    /// connections). QEMU always serves vsock this way (vhost-user).
+    #[default]
+    Userspace,
+    /// The host kernel's vhost-vsock (`/dev/vhost-vsock`); host-initiated
+    /// connections only.
+    Vhost,
+}
+
+impl std::str::FromStr for VsockBackend {
+    type Err = HypervisorError;
+    fn from_str(s: &str) -> Result<VsockBackend> {
+        match s {
+            "userspace" => Ok(VsockBackend::Userspace),
+            "vhost" => Ok(VsockBackend::Vhost),
+            other => Err(HypervisorError::InvalidConfig(format!(
+                "unknown vsock back-end {other:?} (expected userspace or vhost)"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -293,6 +293,7 @@ mod tests {
             nets: vec![],
             shared_dirs: vec![],
             rng: true,
+            vsock_backend: Default::default(),
         }
     }
 

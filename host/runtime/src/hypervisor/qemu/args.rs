@@ -156,6 +156,7 @@ mod tests {
                 path: "/srv".into(),
             }],
             rng: true,
+            vsock_backend: Default::default(),
         }
     }
 

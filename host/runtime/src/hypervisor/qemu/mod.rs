@@ -121,6 +121,11 @@ impl QemuHypervisor {
     /// for the boxed one).
     pub async fn start_vm(&self, config: &VmConfig) -> Result<QemuVm> {
         config.validate()?;
+        if config.vsock_backend != super::VsockBackend::Userspace {
+            return Err(HypervisorError::InvalidConfig(
+                "vsock_backend \"vhost\" is a built-in VMM option; QEMU serves vsock through our vhost-user back-end".into(),
+            ));
+        }
         let virtiofsd = match (&self.virtiofsd, config.shared_dirs.is_empty()) {
             (_, true) => None,
             (Some(p), false) => Some(p.clone()),
