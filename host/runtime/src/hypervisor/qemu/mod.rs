@@ -139,17 +139,21 @@ impl QemuHypervisor {
             .prefix("vmpod-qemu-")
             .tempdir()
             .map_err(HypervisorError::io("creating the VM's runtime dir"))?;
+        // Dropped on any early return below: removes the vsock socket the
+        // helper binds and the runtime dir (helpers die with their Child).
+        let cleanup = vm::Cleanup::new(config.vsock_uds.clone(), dir);
+        let dir = cleanup.dir().to_path_buf();
         let files = args::RunFiles {
-            qmp: dir.path().join("qmp.sock"),
-            vhost_vsock: dir.path().join("vsock.sock"),
+            qmp: dir.join("qmp.sock"),
+            vhost_vsock: dir.join("vsock.sock"),
             fs: (0..config.shared_dirs.len())
-                .map(|i| dir.path().join(format!("fs{i}.sock")))
+                .map(|i| dir.join(format!("fs{i}.sock")))
                 .collect(),
         };
         let mut helpers = Vec::new();
 
         // vsock backend first: QEMU connects to its socket at start-up.
-        let log = dir.path().join("vhost-user-vsock.log");
+        let log = dir.join("vhost-user-vsock.log");
         let vsock_args = [
             "vm".to_string(),
             "vhost-user-vsock".into(),
@@ -170,7 +174,7 @@ impl QemuHypervisor {
 
         if let Some(virtiofsd) = &virtiofsd {
             for (i, share) in config.shared_dirs.iter().enumerate() {
-                let log = dir.path().join(format!("virtiofsd-{i}.log"));
+                let log = dir.join(format!("virtiofsd-{i}.log"));
                 let mut child = process::spawn(
                     virtiofsd,
                     &[
@@ -194,7 +198,7 @@ impl QemuHypervisor {
         }
 
         let console = ConsoleWatch::new(&config.console_log);
-        let qemu_log = dir.path().join("qemu.log");
+        let qemu_log = dir.join("qemu.log");
         let argv = args::qemu_args(config, self.accel, &files);
         tracing::debug!(qemu = %self.qemu.display(), args = ?argv, "starting QEMU");
         let mut qemu = process::spawn(&self.qemu, &argv, &qemu_log, self.die_with_parent)?;
@@ -232,7 +236,7 @@ impl QemuHypervisor {
             qmp,
             helpers,
             console,
-            runtime_dir: dir,
+            cleanup,
         }))
     }
 }

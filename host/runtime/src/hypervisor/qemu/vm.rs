@@ -48,7 +48,7 @@ pub(crate) struct Parts {
     pub qmp: Qmp,
     pub helpers: Vec<Helper>,
     pub console: ConsoleWatch,
-    pub runtime_dir: TempDir,
+    pub cleanup: Cleanup,
 }
 
 /// Handle to one QEMU microVM. Dropping it kills QEMU and the helpers and
@@ -59,10 +59,7 @@ pub type QemuVm = SupervisedVm;
 pub(crate) fn spawn(parts: Parts) -> QemuVm {
     let (handle, channels) = SupervisedVm::new(&parts.config, parts.pid);
     let sup = Supervisor {
-        cleanup: Cleanup {
-            vsock_uds: parts.config.vsock_uds,
-            _dir: parts.runtime_dir,
-        },
+        cleanup: parts.cleanup,
         qemu: parts.qemu,
         qemu_log: parts.qemu_log,
         qmp: Some(parts.qmp),
@@ -80,9 +77,21 @@ pub(crate) fn spawn(parts: Parts) -> QemuVm {
 
 /// Removes what outlives processes: the vsock socket and the runtime dir
 /// (helper sockets, logs). Runs on every way out, including runtime shutdown.
-struct Cleanup {
+pub(crate) struct Cleanup {
     vsock_uds: PathBuf,
-    _dir: TempDir,
+    dir: TempDir,
+}
+
+impl Cleanup {
+    /// Guard the VM's files from the moment the first helper may create
+    /// them, so a failed start leaves nothing behind either.
+    pub(crate) fn new(vsock_uds: PathBuf, dir: TempDir) -> Cleanup {
+        Cleanup { vsock_uds, dir }
+    }
+
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
 }
 
 impl Drop for Cleanup {

@@ -232,6 +232,10 @@ impl Connection {
                 return self.reset();
             }
             (State::Established, _) => return self.reset(),
+            // Closed by us: if our RST is still owed, keep the connection
+            // until the muxer has sent it (removing now would lose it and
+            // leave the guest socket open for ever).
+            (State::Closed, _) if self.need_rst => return Verdict::Keep,
             (State::Closed, _) => return Verdict::Remove,
         }
         Verdict::Keep

@@ -135,11 +135,13 @@ fn accept_loop<C: GuestConnector>(listener: &UnixListener, stop: &AtomicBool, co
         let host = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) if stop.load(Ordering::SeqCst) => return,
             Err(e) => {
-                if !stop.load(Ordering::SeqCst) {
-                    tracing::warn!(error = %e, "vsock proxy: accept");
-                }
-                return;
+                // E.g. out of fds: the connection stays queued; retry soon
+                // rather than give up on every future connection.
+                tracing::warn!(error = %e, "vsock proxy: accept failed; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                continue;
             }
         };
         if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {

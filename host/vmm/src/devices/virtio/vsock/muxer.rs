@@ -30,6 +30,9 @@ const MAX_CONNECT_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECTIONS: usize = 1024;
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Host connections that have not sent their CONNECT line yet, at most;
+/// beyond that new ones are closed at once.
+pub const MAX_PENDING: usize = 64;
 /// Most RSTs for unmatched packets kept waiting for RX buffers: a guest
 /// that sends garbage but never posts RX buffers must not grow our memory.
 pub const MAX_ORPHAN_RSTS: usize = 256;
@@ -50,6 +53,10 @@ pub struct Muxer {
     /// RSTs for packets that matched no connection.
     orphan_rx: VecDeque<Header>,
     next_local_port: u32,
+    /// The listener is out of epoll after a hard accept error (e.g. out of
+    /// fds): level-triggered it would report the same queued connection
+    /// for ever. `tick` puts it back.
+    listener_paused: bool,
     host_connects: u64,
     guest_connects: u64,
     resets_from_guest: u64,
@@ -91,6 +98,7 @@ impl Muxer {
             rx_queue: VecDeque::new(),
             orphan_rx: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            listener_paused: false,
             host_connects: 0,
             guest_connects: 0,
             resets_from_guest: 0,
@@ -326,6 +334,10 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((s, _)) => {
+                    if self.pending.len() >= MAX_PENDING {
+                        tracing::warn!("vsock: too many connections without CONNECT line");
+                        continue; // dropping `s` closes it
+                    }
                     if s.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -337,7 +349,9 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock accept");
+                    tracing::warn!(error = %e, "vsock accept failed; pausing the listener for a second");
+                    self.unwatch(self.listener.as_raw_fd());
+                    self.listener_paused = true;
                     return;
                 }
             }
@@ -409,8 +423,19 @@ impl Muxer {
         }
     }
 
-    /// Once a second: connect timeouts (ours and the host's CONNECT line).
+    /// Once a second: connect timeouts (ours and the host's CONNECT line),
+    /// a paused listener back into epoll.
     pub fn tick(&mut self) {
+        if self.listener_paused {
+            let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+            match self
+                .epoll
+                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+            {
+                Ok(()) => self.listener_paused = false,
+                Err(e) => tracing::warn!(error = %e, "vsock: re-arming the listener"),
+            }
+        }
         let now = Instant::now();
         let mut due = Vec::new();
         for (k, c) in self.conns.iter_mut() {

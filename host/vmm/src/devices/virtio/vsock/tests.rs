@@ -651,3 +651,63 @@ fn guest_half_close_gives_host_eof_and_keeps_the_other_direction() {
     }
     assert_eq!(rig.dev.muxer().connection_count(), 1);
 }
+
+#[test]
+fn an_owed_rst_survives_further_guest_packets() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    // An unknown op resets the connection (RST owed) and the guest's next
+    // packet for it is in the same TX batch, handled before the RX pass
+    // that would carry the RST. (A later packet would get an orphan RST
+    // anyway; this one is the last.)
+    for (slot, (op, data)) in [(99u16, &b""[..]), (OP_RW, &b"late"[..])]
+        .iter()
+        .enumerate()
+    {
+        let h = guest_hdr(*op, 1024, req.src_port, data.len() as u32);
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(data);
+        let addr = TX_BUF + 0x10_0000 + slot as u64 * 0x1000;
+        test_util::write(&mem, addr, &bytes);
+        rig.tx.add_chain(&[(addr, bytes.len() as u32, false)]);
+    }
+    rig.dev.queue_notify(1); // one TX batch: both packets before any RX pass
+    rig.post_rx();
+    let pkts = rig.take_rx();
+    assert!(
+        pkts.iter()
+            .any(|p| p.0.op == OP_RST && p.0.dst_port == 1024),
+        "the RST still reaches the guest: {pkts:?}"
+    );
+    assert_eq!(rig.dev.muxer().connection_count(), 0);
+}
+
+#[test]
+fn host_connections_without_connect_line_are_bounded() {
+    use super::muxer::MAX_PENDING;
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let mut silent = Vec::new();
+    for _ in 0..MAX_PENDING + 3 {
+        let s = UnixStream::connect(rig.uds()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        silent.push(s);
+    }
+    rig.poll();
+    let mut closed = 0;
+    for s in silent.iter_mut() {
+        s.set_nonblocking(true).unwrap();
+        if matches!(s.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 3, "only the ones beyond MAX_PENDING are closed");
+    // A real connection still gets through once a slot frees up.
+    drop(silent);
+    rig.poll();
+    let (_s, req) = host_connect(&mut rig, 77);
+    assert_eq!(req.dst_port, 77);
+}
