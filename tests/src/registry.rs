@@ -178,14 +178,7 @@ impl Registry {
     /// Overwrite a stored blob with different bytes of the same length, so the
     /// registry serves content that no longer matches its digest.
     pub fn corrupt_blob(&self, digest: &str) -> Result<()> {
-        let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
-        let p = self
-            .dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data");
+        let p = self.blob_path(digest)?;
         let mut data = std::fs::read(&p).with_context(|| format!("read {}", p.display()))?;
         if data.is_empty() {
             bail!("cannot corrupt an empty blob");
@@ -194,6 +187,27 @@ impl Registry {
         data[mid] ^= 0xff;
         std::fs::write(&p, &data)?;
         Ok(())
+    }
+
+    /// Append `extra` bytes to a stored blob: the registry then serves more
+    /// than the manifest's descriptor declares.
+    pub fn grow_blob(&self, digest: &str, extra: usize) -> Result<()> {
+        use std::io::Write;
+        let p = self.blob_path(digest)?;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p)?;
+        f.write_all(&vec![0x5a; extra])?;
+        Ok(())
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
+        Ok(self
+            .dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data"))
     }
 
     /// `(user, password)` if the registry was started with htpasswd auth.

@@ -246,6 +246,30 @@ async fn digest_mismatch_is_rejected_and_nothing_is_listed() {
     assert!(c.image_status(&name, false).await.unwrap().image.is_none());
 }
 
+/// A registry that serves more bytes than the manifest declares is cut off
+/// at the declared size (it cannot fill the disk before the digest check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_blob_is_cut_off_and_nothing_is_stored() {
+    require_registry!();
+    let (reg, img) = registry_with_busybox().await;
+    reg.grow_blob(&img.layers[0].digest, 8 << 20).unwrap();
+    let (d, mut c) = daemon().await;
+    let name = format!("{}/test/busybox:v1", reg.addr());
+    let e = c.pull(&name, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("more than"), "{}", e.message());
+    assert!(c.list(None).await.unwrap().is_empty());
+    let used = fs_info(&mut c).await.image_filesystems[0]
+        .used_bytes
+        .unwrap()
+        .value;
+    assert!(
+        used < img.layers[0].blob.len() as u64 + (4 << 20),
+        "the extra 8 MiB never reached the store: {used} bytes used"
+    );
+    drop(d);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_are_invalid_argument_and_the_daemon_keeps_serving() {
     let (_d, mut c) = daemon().await;

@@ -175,10 +175,18 @@ async fn pull_inner(
     let config_digest = manifest.config.digest.clone();
     validate_digest(&config_digest).map_err(|m| ImageError::unsupported(&shown, m))?;
     prot.add(&config_digest);
+    let config_size = u64::try_from(manifest.config.size).unwrap_or(0);
+    if config_size > MAX_CONFIG_BYTES {
+        return Err(ImageError::unsupported(
+            &shown,
+            format!("image config of {config_size} bytes (at most {MAX_CONFIG_BYTES})"),
+        ));
+    }
     fetch_blob(
         inner,
         &remote,
         &config_digest,
+        config_size,
         "config",
         &AtomicBool::new(false),
     )
@@ -238,7 +246,8 @@ async fn pull_inner(
                     "aborted: another layer failed",
                 ));
             }
-            fetch_blob(inner, remote, &layer.digest, &what, abort).await?;
+            let declared = u64::try_from(layer.size).unwrap_or(0);
+            fetch_blob(inner, remote, &layer.digest, declared, &what, abort).await?;
             ensure_unpacked(inner, &layer.digest, diff_id).await
         }));
     }
@@ -308,11 +317,16 @@ async fn pull_inner(
     inner.record(&stored)
 }
 
-/// Download `digest` unless stored; one download per digest at a time.
+/// Largest image config we read into memory.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+/// Download `digest` (`declared_size` bytes per its descriptor) unless
+/// stored; one download per digest at a time.
 async fn fetch_blob(
     inner: &Arc<Inner>,
     remote: &Remote,
     digest: &str,
+    declared_size: u64,
     what: &str,
     abort: &AtomicBool,
 ) -> Result<()> {
@@ -324,7 +338,9 @@ async fn fetch_blob(
     }
     let t = Instant::now();
     let mut w = inner.content.writer(&format!("{what} {digest}"), digest)?;
-    remote.blob(digest, &mut w, what, abort).await?;
+    remote
+        .blob(digest, declared_size, &mut w, what, abort)
+        .await?;
     // Verify, fsync, rename: off the async workers.
     let n = tokio::task::spawn_blocking(move || w.commit())
         .await

@@ -229,10 +229,14 @@ impl Remote {
     }
 
     /// Stream blob `digest` into `w` (which verifies it on commit).
-    /// Stops early (with an error) once `abort` is set.
+    /// Stops early (with an error) once `abort` is set, or once the
+    /// registry sends more than the descriptor's `declared_size` bytes (a
+    /// broken or hostile registry must not fill the disk before the digest
+    /// check at the end can reject it).
     pub async fn blob(
         &self,
         digest: &str,
+        declared_size: u64,
         w: &mut BlobWriter,
         what: &str,
         abort: &AtomicBool,
@@ -265,6 +269,13 @@ impl Remote {
                     _ => ImageError::registry(&self.shown, format!("reading {what} {digest}: {e}")),
                 }
             })?;
+            if w.written() + chunk.len() as u64 > declared_size {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("{what} of {} from {}", self.shown, self.endpoint.host),
+                    expected: format!("{digest} ({declared_size} bytes)"),
+                    actual: format!("more than {declared_size} bytes"),
+                });
+            }
             w.write(&chunk)?;
             if w.written() >= next_log {
                 info!(image = %self.shown, %what, %digest, bytes = w.written(), total = total.unwrap_or(0), "downloading");
