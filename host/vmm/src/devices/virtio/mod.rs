@@ -134,8 +134,6 @@ pub(crate) mod test_util {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -162,66 +160,113 @@ pub(crate) mod test_util {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
     }
 
-    /// A queue of 16 entries at guest address `base`.
+    /// Entries per test queue.
+    pub const QSIZE: u16 = 16;
+
+    /// A split virtqueue of [`QSIZE`] entries at guest address `base`, laid
+    /// out by hand: descriptor table at `base`, avail ring at `base +
+    /// 0x100`, used ring at `base + 0x200`. (virtio-queue's MockSplitQueue
+    /// places the used ring inside the avail ring's entries 8..15: its
+    /// `end()` counts entries, not bytes, so a 9th posted chain corrupts
+    /// the used index.)
     pub struct TestQueue<'a> {
-        pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+        base: u64,
         next_desc: u16,
     }
 
     impl<'a> TestQueue<'a> {
         pub fn new(mem: &'a GuestMemoryMmap, base: u64) -> Self {
-            Self {
-                mock: MockSplitQueue::create(mem, GuestAddress(base), 16),
+            let q = Self {
+                mem,
+                base,
                 next_desc: 0,
-            }
+            };
+            // Zeroed rings: flags, idx and event fields.
+            write(mem, q.avail_addr(), &[0; 0x100]);
+            write(mem, q.used_addr(), &[0; 0x100]);
+            q
         }
 
+        pub fn desc_addr(&self) -> u64 {
+            self.base
+        }
+        pub fn avail_addr(&self) -> u64 {
+            self.base + 0x100
+        }
+        pub fn used_addr(&self) -> u64 {
+            self.base + 0x200
+        }
+
+        /// A ready device-side queue over these rings.
         pub fn queue(&self) -> Queue {
-            self.mock.create_queue::<Queue>().unwrap()
+            let mut q = Queue::new(QSIZE).unwrap();
+            q.set_size(QSIZE);
+            q.try_set_desc_table_address(GuestAddress(self.desc_addr()))
+                .unwrap();
+            q.try_set_avail_ring_address(GuestAddress(self.avail_addr()))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(self.used_addr()))
+                .unwrap();
+            q.set_ready(true);
+            q
         }
 
         /// Add one chain of (addr, len, writable) descriptors and publish it.
         pub fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
             let n = descs.len() as u16;
-            if self.next_desc + n > 16 {
+            if self.next_desc + n > QSIZE {
                 self.next_desc = 0; // reuse the table (earlier chains are done)
             }
             let head = self.next_desc;
+            self.next_desc += n;
+            self.add_chain_at(head, descs)
+        }
+
+        /// Like [`Self::add_chain`], with the chain's descriptors at table
+        /// entries `head..` (for tests that manage which are free).
+        pub fn add_chain_at(&mut self, head: u16, descs: &[(u64, u32, bool)]) -> u16 {
+            let n = descs.len() as u16;
             for (i, &(addr, len, w)) in descs.iter().enumerate() {
                 let idx = head + i as u16;
                 let mut flags = if w { F_WRITE } else { 0 };
                 if (i as u16) + 1 < n {
                     flags |= F_NEXT;
                 }
-                let d = RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1));
-                self.mock.desc_table().store(idx, d).unwrap();
+                let mut d = Vec::with_capacity(16);
+                d.extend_from_slice(&addr.to_le_bytes());
+                d.extend_from_slice(&len.to_le_bytes());
+                d.extend_from_slice(&flags.to_le_bytes());
+                d.extend_from_slice(&(idx + 1).to_le_bytes());
+                write(self.mem, self.desc_addr() + u64::from(idx) * 16, &d);
             }
-            self.next_desc += n;
-            let avail = self.mock.avail();
-            let i = avail.idx().load();
-            avail
-                .ring()
-                .ref_at(usize::from(i % 16))
-                .unwrap()
-                .store(head.to_le());
-            avail.idx().store(i.wrapping_add(1));
+            let i = self.read_u16(self.avail_addr() + 2);
+            let slot = self.avail_addr() + 4 + 2 * u64::from(i % QSIZE);
+            write(self.mem, slot, &head.to_le_bytes());
+            write(
+                self.mem,
+                self.avail_addr() + 2,
+                &i.wrapping_add(1).to_le_bytes(),
+            );
             head
         }
 
-        /// (id, len) of used entry `i`.
+        fn read_u16(&self, addr: u64) -> u16 {
+            let b = read(self.mem, addr, 2);
+            u16::from_le_bytes([b[0], b[1]])
+        }
+
+        /// (id, len) of used entry `i` (mod the queue size).
         pub fn used(&self, i: u16) -> (u32, u32) {
-            let e = self
-                .mock
-                .used()
-                .ring()
-                .ref_at(usize::from(i))
-                .unwrap()
-                .load();
-            (e.id(), e.len())
+            let e = read(self.mem, self.used_addr() + 4 + 8 * u64::from(i % QSIZE), 8);
+            (
+                u32::from_le_bytes(e[..4].try_into().unwrap()),
+                u32::from_le_bytes(e[4..].try_into().unwrap()),
+            )
         }
 
         pub fn used_idx(&self) -> u16 {
-            self.mock.used().idx().load()
+            self.read_u16(self.used_addr() + 2)
         }
     }
 

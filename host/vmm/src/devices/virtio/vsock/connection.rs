@@ -294,8 +294,14 @@ impl Connection {
             }
             return Ok(());
         }
+        // A standalone CREDIT_UPDATE only when the guest may run short: it
+        // believes `recv_cnt - last_fwd_cnt_sent` of our buffer is in use
+        // and stops sending at BUF_ALLOC. Below half of that it has room,
+        // and the headers of our data packets carry fwd_cnt anyway; this
+        // saves an RX packet and an interrupt per request/response.
         let unsent = self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent);
-        if unsent > 0 && (self.tx_buf.is_empty() || unsent >= BUF_ALLOC / 4) {
+        let guest_view_used = self.recv_cnt.wrapping_sub(self.last_fwd_cnt_sent);
+        if unsent > 0 && guest_view_used >= BUF_ALLOC / 2 {
             self.need_credit_update = true;
         }
         if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 {

@@ -27,7 +27,7 @@ struct Rig<'a> {
     tx: TestQueue<'a>,
     rx_seen: u16,
     tx_slot: u64,
-    rx_slot: u64,
+    rx_free: std::collections::VecDeque<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -42,7 +42,7 @@ impl<'a> Rig<'a> {
             tx: TestQueue::new(mem, TXQ),
             rx_seen: 0,
             tx_slot: 0,
-            rx_slot: 0,
+            rx_free: (0..16).collect(),
             dir,
         };
         let ev = TestQueue::new(mem, EVQ);
@@ -58,9 +58,13 @@ impl<'a> Rig<'a> {
 
     /// Post one 4 KiB RX buffer.
     fn post_rx(&mut self) {
-        let addr = RX_BUF + self.rx_slot * 0x1000;
-        self.rx_slot = (self.rx_slot + 1) % 16;
-        self.rx.add_chain(&[(addr, 0x1000, true)]);
+        // Descriptor i always describes the buffer at RX_BUF + i * 4 KiB;
+        // only free ones (returned through the used ring) are reposted.
+        let Some(slot) = self.rx_free.pop_front() else {
+            return; // all 16 are with the device already
+        };
+        let addr = RX_BUF + u64::from(slot) * 0x1000;
+        self.rx.add_chain_at(slot, &[(addr, 0x1000, true)]);
         self.dev.queue_notify(0);
     }
 
@@ -73,6 +77,7 @@ impl<'a> Rig<'a> {
             let bytes = test_util::read(self.mem, addr, len as usize);
             let hdr = Header::from_bytes(bytes[..HDR_LEN].try_into().unwrap());
             out.push((hdr, bytes[HDR_LEN..].to_vec()));
+            self.rx_free.push_back(id as u16);
             self.rx_seen += 1;
         }
         out
@@ -196,14 +201,21 @@ fn host_connect_accepted_then_data_both_ways() {
     let mut buf = [0u8; 3];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"xyz");
-    // All consumed: the guest is told (credit update with fwd_cnt 13).
-    let ups: Vec<_> = rig
-        .take_rx()
-        .into_iter()
-        .filter(|p| p.0.op == OP_CREDIT_UPDATE)
-        .collect();
-    assert!(!ups.is_empty());
-    assert_eq!(ups.last().unwrap().0.fwd_cnt, 13);
+    // 13 bytes of 256 KiB: no standalone credit update; the next data
+    // packet to the guest carries fwd_cnt 13.
+    assert!(
+        !rig.take_rx().iter().any(|p| p.0.op == OP_CREDIT_UPDATE),
+        "no update while the guest has plenty of credit"
+    );
+    s.write_all(b"!").unwrap();
+    rig.post_rx();
+    rig.poll();
+    let pkts = rig.take_rx();
+    let rw = pkts
+        .iter()
+        .find(|p| p.0.op == OP_RW)
+        .expect("data to the guest");
+    assert_eq!(rw.0.fwd_cnt, 13, "credit rides on the data header");
 
     // Host closes: guest gets SHUTDOWN(SEND); guest closes: RST, removed.
     drop(s);
@@ -710,4 +722,40 @@ fn host_connections_without_connect_line_are_bounded() {
     rig.poll();
     let (_s, req) = host_connect(&mut rig, 77);
     assert_eq!(req.dst_port, 77);
+}
+
+#[test]
+fn credit_update_once_the_guest_has_used_half_its_credit() {
+    let mem = test_util::mem();
+    let mut rig = Rig::new(&mem);
+    let (mut s, req) = host_connect(&mut rig, 1024);
+    rig.send_pkt(OP_RESPONSE, 1024, req.src_port, &[]);
+    read_line(&mut s);
+    // The host reads everything at once; the guest sends 60 KiB at a time.
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; 200 * 1024];
+        s.read_exact(&mut got).unwrap();
+        s
+    });
+    let chunk = vec![1u8; 40 * 1024];
+    let mut updates = Vec::new();
+    for i in 0..5 {
+        rig.send_pkt(OP_RW, 1024, req.src_port, &chunk);
+        rig.poll();
+        rig.post_rx();
+        for p in rig.take_rx() {
+            if p.0.op == OP_CREDIT_UPDATE {
+                updates.push((i, p.0.fwd_cnt));
+            }
+        }
+    }
+    let _s = reader.join().unwrap();
+    assert!(!updates.is_empty(), "the guest is told before it runs dry");
+    let (first_at, fwd) = updates[0];
+    assert!(
+        (u64::from(BUF_ALLOC) / 2..=u64::from(BUF_ALLOC))
+            .contains(&((first_at as u64 + 1) * 40 * 1024)),
+        "first update once half the credit is used: after chunk {first_at}"
+    );
+    assert!(fwd >= BUF_ALLOC / 2, "{fwd}");
 }

@@ -258,12 +258,8 @@ mod tests {
     fn vring(mem: &GuestMemoryAtomic<GuestMemoryMmap>, q: &TestQueue) -> VringRwLock {
         let v = VringRwLock::new(mem.clone(), 16).unwrap();
         v.set_queue_size(16);
-        v.set_queue_info(
-            q.mock.desc_table_addr().0,
-            q.mock.avail_addr().0,
-            q.mock.used_addr().0,
-        )
-        .unwrap();
+        v.set_queue_info(q.desc_addr(), q.avail_addr(), q.used_addr())
+            .unwrap();
         v.set_queue_ready(true);
         v.set_enabled(true);
         v
