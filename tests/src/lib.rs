@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 pub mod agent_vm;
+pub mod bench;
 pub mod cri_client;
 pub mod initramfs;
 pub mod net;

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vmpod_tests::bench::{fmt_stats, machine, median, proc_mem, stats, vmpod_bin, ProcMem};
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::{children, strip_ansi};
 use vmpod_tests::{build_dir, repo_root};
@@ -100,9 +101,12 @@ fn main() {
             Ok(b) => {
                 table.push((
                     format!("{what}: start → first kernel line"),
-                    fmt_stats(&b.first),
+                    fmt_stats(&b.first, 3, "s"),
                 ));
-                table.push((format!("{what}: start → Run /init"), fmt_stats(&b.target)));
+                table.push((
+                    format!("{what}: start → Run /init"),
+                    fmt_stats(&b.target, 3, "s"),
+                ));
                 results.insert(
                     key.into(),
                     json!({"first_line_s": stats(&b.first), "run_init_s": stats(&b.target)}),
@@ -138,7 +142,7 @@ fn main() {
         Ok(b) => {
             table.push((
                 "qemu/tcg (vmpod backend): start → init marker".into(),
-                fmt_stats(&b.target),
+                fmt_stats(&b.target, 3, "s"),
             ));
             results.insert(
                 "qemu_tcg".into(),
@@ -334,12 +338,6 @@ fn stop(l: &mut Launch) {
     let _ = l.child.wait();
 }
 
-struct ProcMem {
-    name: String,
-    rss_kib: u64,
-    pss_kib: u64,
-}
-
 fn idle_memory(
     work: &Path,
     key: &str,
@@ -358,26 +356,6 @@ fn idle_memory(
     });
     stop(&mut l);
     r
-}
-
-fn proc_mem(pid: u32) -> Option<ProcMem> {
-    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()?
-        .trim()
-        .to_string();
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let field = |key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Some(ProcMem {
-        name,
-        rss_kib: field("Rss:"),
-        pss_kib: field("Pss:"),
-    })
 }
 
 fn vmpod_cmd(
@@ -461,64 +439,4 @@ fn busybox_initrd(work: &Path) -> PathBuf {
             "#!/bin/busybox sh\necho {TCG_MARKER}\nwhile true; do /bin/busybox sleep 1; done\n"
         ))
         .cpio(&work.join("busybox.cpio"))
-}
-
-fn vmpod_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VMPOD_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    // The most recently built of release/debug (`make bench` builds release).
-    ["release", "debug"]
-        .iter()
-        .map(|p| target.join(p).join("vmpod"))
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .max_by_key(|(t, _)| *t)
-        .map(|(_, p)| p)
-        .expect("vmpod binary not built (make build)")
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn stats(v: &[f64]) -> Value {
-    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    json!({"median": median(v), "min": min, "max": max, "spread": max - min, "samples": v})
-}
-
-fn fmt_stats(v: &[f64]) -> String {
-    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.3}s [{min:.3}–{max:.3}]", median(v))
-}
-
-fn machine() -> Value {
-    let sh = |c: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(c)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    json!({
-        "uname": sh("uname -a"),
-        "nproc": sh("nproc"),
-        "cpu": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'"),
-        "qemu": sh("qemu-system-x86_64 --version | head -n1"),
-    })
 }

@@ -73,8 +73,11 @@ impl Accel {
 pub struct QemuHypervisor {
     accel: EffectiveAccel,
     qemu: PathBuf,
-    /// `vmpod` itself: runs the vhost-user vsock back-end.
-    vmpod: PathBuf,
+    /// The vhost-user vsock back-end and its leading arguments: `vmpod vm
+    /// vhost-user-vsock` unless `VMPOD_VSOCK_HELPER` names another daemon
+    /// taking `--guest-cid= --socket= --uds-path=` (e.g. vhost-device-vsock,
+    /// which the vsock benchmark compares against).
+    vsock_helper: (PathBuf, Vec<String>),
     virtiofsd: Option<PathBuf>,
     die_with_parent: bool,
 }
@@ -94,12 +97,7 @@ impl QemuHypervisor {
             accel: accel.resolve(&KvmFlavour::detect())?,
             qemu: tools::find(QEMU_BIN)
                 .ok_or_else(|| missing(QEMU_BIN, "install Debian's qemu-system-x86"))?,
-            vmpod: tools::vmpod().ok_or_else(|| {
-                missing(
-                    "vmpod",
-                    "it serves the VM's vsock; set VMPOD_VMPOD=/path/to/vmpod",
-                )
-            })?,
+            vsock_helper: vsock_helper()?,
             virtiofsd: tools::find(VIRTIOFSD_BIN),
             die_with_parent: false,
         })
@@ -154,14 +152,14 @@ impl QemuHypervisor {
 
         // vsock backend first: QEMU connects to its socket at start-up.
         let log = dir.join("vhost-user-vsock.log");
-        let vsock_args = [
-            "vm".to_string(),
-            "vhost-user-vsock".into(),
+        let (helper, lead) = &self.vsock_helper;
+        let mut vsock_args = lead.clone();
+        vsock_args.extend([
             format!("--guest-cid={}", config.guest_cid),
             format!("--socket={}", files.vhost_vsock.display()),
             format!("--uds-path={}", config.vsock_uds.display()),
-        ];
-        let mut child = process::spawn(&self.vmpod, &vsock_args, &log, self.die_with_parent)?;
+        ]);
+        let mut child = process::spawn(helper, &vsock_args, &log, self.die_with_parent)?;
         process::wait_for_path(
             &files.vhost_vsock,
             &mut child,
@@ -239,6 +237,27 @@ impl QemuHypervisor {
             cleanup,
         }))
     }
+}
+
+/// See [`QemuHypervisor`]'s `vsock_helper`.
+fn vsock_helper() -> Result<(PathBuf, Vec<String>)> {
+    if let Some(p) = std::env::var_os("VMPOD_VSOCK_HELPER") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok((p, Vec::new()))
+        } else {
+            Err(HypervisorError::Start(format!(
+                "VMPOD_VSOCK_HELPER={}: no such file",
+                p.display()
+            )))
+        };
+    }
+    let vmpod = tools::vmpod().ok_or_else(|| {
+        HypervisorError::Start(
+            "vmpod not found (it serves the VM's vsock; set VMPOD_VMPOD=/path/to/vmpod)".into(),
+        )
+    })?;
+    Ok((vmpod, vec!["vm".into(), "vhost-user-vsock".into()]))
 }
 
 async fn connect_qmp(
