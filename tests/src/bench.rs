@@ -45,6 +45,30 @@ pub fn fmt_stats(v: &[f64], decimals: usize, unit: &str) -> String {
     )
 }
 
+/// Runs per measurement: `BENCH_RUNS`, default 5.
+pub fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// A scratch dir for one benchmark (removed when dropped) and the built
+/// guest kernel (panics with the make target when missing).
+pub fn setup(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::Builder::new()
+        .prefix(&format!("vmpod-bench-{name}-"))
+        .tempdir()
+        .expect("tempdir");
+    let kernel = crate::build_dir().join("guest/vmlinux");
+    assert!(
+        kernel.exists(),
+        "{} missing: make guest-kernel",
+        kernel.display()
+    );
+    (work, kernel)
+}
+
 /// What every results file records about the machine it ran on.
 pub fn machine() -> Value {
     let sh = |c: &str| {

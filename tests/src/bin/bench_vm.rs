@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmpod_tests::bench::{fmt_stats, machine, median, proc_mem, stats, vmpod_bin, ProcMem};
+use vmpod_tests::bench::{self, fmt_stats, machine, median, proc_mem, stats, vmpod_bin, ProcMem};
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::{children, strip_ansi};
-use vmpod_tests::{build_dir, repo_root};
+use vmpod_tests::repo_root;
 
 const FIRST_LINE: &str = "Linux version";
 const RUN_INIT: &str = "Run /init";
@@ -33,20 +33,8 @@ const KVM_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let work = tempfile::Builder::new()
-        .prefix("vmpod-bench-vm-")
-        .tempdir()
-        .expect("tempdir");
-    let kernel = build_dir().join("guest/vmlinux");
-    assert!(
-        kernel.exists(),
-        "{} missing: make guest-kernel",
-        kernel.display()
-    );
+    let runs = bench::runs();
+    let (work, kernel) = bench::setup("vm");
     let vmpod = vmpod_bin();
     let tiny = tiny_initrd(work.path());
     let busybox = busybox_initrd(work.path());

@@ -22,10 +22,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmpod_tests::bench::{fmt_stats, machine, median, proc_mem, stats, vmpod_bin};
+use vmpod_tests::bench::{self, fmt_stats, machine, median, proc_mem, stats, vmpod_bin};
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::{children, ChildGuard};
-use vmpod_tests::{build_dir, repo_root};
+use vmpod_tests::repo_root;
 
 const PORT: u32 = 5001;
 const PINGS: usize = 1000;
@@ -59,20 +59,8 @@ struct Samples {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let work = tempfile::Builder::new()
-        .prefix("vmpod-bench-vsock-")
-        .tempdir()
-        .expect("tempdir");
-    let kernel = build_dir().join("guest/vmlinux");
-    assert!(
-        kernel.exists(),
-        "{} missing: make guest-kernel",
-        kernel.display()
-    );
+    let runs = bench::runs();
+    let (work, kernel) = bench::setup("vsock");
     let initrd = Initramfs::new(&work.path().join("root"))
         .dirs(&["bin", "proc", "sys", "dev"])
         .busybox()

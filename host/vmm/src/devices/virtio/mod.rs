@@ -103,6 +103,18 @@ pub trait VirtioDevice: Send {
     fn stats(&self) -> (&'static str, String);
 }
 
+/// Exactly `n` queues, or QueueCount (multi-queue devices: net, vsock).
+pub fn expect_queues(queues: Vec<Queue>, n: usize) -> Result<Vec<Queue>, ActivateError> {
+    if queues.len() == n {
+        Ok(queues)
+    } else {
+        Err(ActivateError::QueueCount {
+            expected: n,
+            got: queues.len(),
+        })
+    }
+}
+
 /// The one queue of a single-queue device (blk, rng), or QueueCount.
 pub fn single_queue(queues: Vec<Queue>) -> Result<Queue, ActivateError> {
     let got = queues.len();

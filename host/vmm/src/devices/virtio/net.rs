@@ -10,7 +10,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -242,12 +243,7 @@ impl VirtioDevice for Net {
         irq: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
+        let queues = expect_queues(queues, 2)?;
         self.active = Some(Active { mem, irq, queues });
         self.rx_ready = true;
         self.process_rx();

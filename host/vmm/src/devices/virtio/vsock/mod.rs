@@ -19,7 +19,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 use muxer::Muxer;
 use packet::{read_tx, write_rx, HDR_LEN};
@@ -175,12 +176,7 @@ impl VirtioDevice for Vsock {
         irq: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
+        let queues = expect_queues(queues, 3)?;
         self.active = Some(Active { mem, irq, queues });
         self.process_rx();
         Ok(())

@@ -31,7 +31,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::hybrid_proxy::{HybridProxy, KernelVsock};
 use super::{Error, QUEUE_SIZES, RX, TX};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    expect_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 pub const VHOST_VSOCK_DEV: &str = "/dev/vhost-vsock";
@@ -212,12 +213,7 @@ impl VirtioDevice for VhostVsock {
         irq: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
+        let queues = expect_queues(queues, 3)?;
         self.irq = Some(irq);
         self.setup(mem, &queues)
             .map_err(|e| ActivateError::Backend(e.to_string()))
