@@ -643,7 +643,7 @@ async fn library_builtin_backend_start_and_stop() {
         rng: true,
         vsock_backend: Default::default(),
     };
-    let hv = BuiltinHypervisor::new(vmpod_bin());
+    let hv = BuiltinHypervisor::new(vmpod_bin()).die_with_parent(true);
     let vm = hv.start_vm(&config).await.unwrap();
     let pid = vm.pid().unwrap();
     assert!(alive(pid));
