@@ -12,7 +12,8 @@
 //! 6. report `ready` on fd 4 and block on fd 5 until the agent says start;
 //! 7. seccomp, then execve. Any failure is written to fd 4 as
 //!    `error: <message>` and the child exits; a successful execve closes fd 4
-//!    (CLOEXEC), which the agent reads as success.
+//!    (CLOEXEC), which the agent reads as success. Every fd from 3 up is
+//!    close-on-exec by then, so the process starts with 0-2 only.
 
 mod identity;
 mod rootfs;
@@ -60,6 +61,11 @@ fn run(status: &mut File) -> StageResult<Never> {
     for fd in [STATUS_FD, START_FD] {
         set_cloexec(fd)?;
     }
+    // Whatever else we were handed ends at exec: the container's process
+    // gets 0-2 only (the status pipe closing at exec reports success).
+    // Done here, before any seccomp filter could deny close_range(2);
+    // everything stage 2 opens later is close-on-exec (std opens so).
+    crate::container::spawn::cloexec_from(CONFIG_FD);
     // Stage 1: configuration.
     let mut buf = Vec::new();
     // SAFETY: fd 3 is ours (see above).
