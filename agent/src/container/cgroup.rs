@@ -113,13 +113,20 @@ impl Cgroup {
         &self.rel
     }
 
+    /// Make the leaf and write its limits; a limit the kernel refuses
+    /// (unknown file, CPU the guest lacks, ...) removes the leaf again.
     pub fn create(
         &self,
         fs: &dyn CgroupFs,
         writes: &[(String, String)],
     ) -> Result<(), CgroupError> {
         fs.mkdir(&self.rel).map_err(err(&self.rel, "mkdir", ""))?;
-        self.apply(fs, writes)
+        self.apply(fs, writes).inspect_err(|_| {
+            // Nothing runs in it yet, so a plain rmdir does.
+            if let Err(e) = fs.rmdir(&self.rel) {
+                tracing::warn!(cgroup = %self.rel.display(), error = %e, "remove cgroup after failed create");
+            }
+        })
     }
 
     pub fn apply(&self, fs: &dyn CgroupFs, writes: &[(String, String)]) -> Result<(), CgroupError> {
@@ -259,6 +266,50 @@ mod tests {
         let cg = Cgroup::for_container("missing-parent");
         let e = cg.create(&fs, &[]).unwrap_err().to_string();
         assert!(e.contains("vmpod/missing-parent"), "{e}");
+    }
+
+    /// A cgroupfs in a temp dir that refuses writes to one file, as the
+    /// kernel refuses unknown files or impossible values.
+    struct Refusing {
+        dir: tempfile::TempDir,
+        refuse: &'static str,
+    }
+
+    impl CgroupFs for Refusing {
+        fn root(&self) -> &Path {
+            self.dir.path()
+        }
+        fn write(&self, rel: &Path, file: &str, _value: &str) -> io::Result<()> {
+            if file == self.refuse {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            // Like cgroupfs: a write creates no file, so rmdir still works.
+            if self.root().join(rel).is_dir() {
+                Ok(())
+            } else {
+                Err(io::ErrorKind::NotFound.into())
+            }
+        }
+    }
+
+    #[test]
+    fn failed_limit_removes_the_leaf() {
+        let fs = Refusing {
+            dir: tempfile::tempdir().unwrap(),
+            refuse: "cpuset.cpus",
+        };
+        std::fs::create_dir(fs.root().join("vmpod")).unwrap();
+        let cg = Cgroup::for_container("c1");
+        let writes = [
+            ("memory.max".to_string(), "1048576".to_string()),
+            ("cpuset.cpus".to_string(), "7".to_string()),
+        ];
+        let e = cg.create(&fs, &writes).unwrap_err().to_string();
+        assert!(e.contains("cpuset.cpus"), "{e}");
+        assert!(!fs.root().join("vmpod/c1").exists(), "leaf left behind");
+        // and a create that succeeds keeps it
+        cg.create(&fs, &writes[..1]).unwrap();
+        assert!(fs.root().join("vmpod/c1").is_dir());
     }
 
     #[test]
