@@ -48,7 +48,9 @@ impl Agent {
         }
     }
 
-    pub fn reserve(&self, id: &str) -> Result<()> {
+    /// Take `id` for a container being created. The id is released
+    /// again when the [`Reservation`] is dropped unfilled (failure, panic).
+    pub fn reserve(self: &Arc<Self>, id: &str) -> Result<Reservation> {
         let mut m = self.map();
         if m.contains_key(id) {
             return Err(AgentError::AlreadyExists(format!(
@@ -56,18 +58,10 @@ impl Agent {
             )));
         }
         m.insert(id.to_string(), Slot::Reserved);
-        Ok(())
-    }
-
-    pub fn unreserve(&self, id: &str) {
-        let mut m = self.map();
-        if matches!(m.get(id), Some(Slot::Reserved)) {
-            m.remove(id);
-        }
-    }
-
-    pub fn insert(&self, c: Arc<Container>) {
-        self.map().insert(c.id.clone(), Slot::Ready(c));
+        Ok(Reservation {
+            agent: self.clone(),
+            id: Some(id.to_string()),
+        })
     }
 
     pub fn remove(&self, id: &str) {
@@ -85,5 +79,58 @@ impl Agent {
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+}
+
+/// A reserved container id (see [`Agent::reserve`]).
+pub struct Reservation {
+    agent: Arc<Agent>,
+    id: Option<String>,
+}
+
+impl Reservation {
+    /// The container is created: it takes the reserved slot.
+    pub fn fill(mut self, c: Arc<Container>) {
+        self.id = None;
+        self.agent.map().insert(c.id.clone(), Slot::Ready(c));
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let mut m = self.agent.map();
+            if matches!(m.get(&id), Some(Slot::Reserved)) {
+                m.remove(&id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::cgroup::DirCgroupFs;
+
+    #[test]
+    fn reservation_is_released_unless_filled() {
+        let agent = Agent::new(Arc::default(), Arc::new(DirCgroupFs::new("/nonexistent")));
+        let r = agent.reserve("a").unwrap();
+        let e = agent.reserve("a").err().unwrap();
+        assert!(matches!(e, AgentError::AlreadyExists(_)), "{e}");
+        assert!(matches!(
+            agent.get("a"),
+            Err(AgentError::FailedPrecondition(_))
+        ));
+        drop(r);
+        assert!(matches!(agent.get("a"), Err(AgentError::NotFound(_))));
+        // A panic while creating releases it too.
+        let a2 = agent.clone();
+        let _ = std::thread::spawn(move || {
+            let _r = a2.reserve("b").unwrap();
+            panic!("create failed hard");
+        })
+        .join();
+        assert!(agent.reserve("b").is_ok());
     }
 }

@@ -1,12 +1,17 @@
-//! Sandbox teardown through the agent, in a VM of its own (DestroySandbox
-//! removes every container, so it cannot share the agent_e2e VM): sandbox
-//! mounts and containers (running and merely created) are gone afterwards,
-//! the agent still answers, and the VM then stops cleanly.
+//! Teardown and leaks, each test in a VM of its own:
+//! - DestroySandbox removes every container (so it cannot share the
+//!   agent_e2e VM): sandbox mounts and containers (running and merely
+//!   created) are gone afterwards, the agent still answers, and the VM then
+//!   stops cleanly;
+//! - finished execs and removed containers give back what the agent held
+//!   for them (threads, pipes, ptys): counted exactly in the agent's
+//!   /proc, which needs a VM where nothing else runs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use serde_json::json;
 use vmpod_runtime::agent_client::agent::{CreateSandboxRequest, Mount};
-use vmpod_runtime::agent_client::OutputStream;
+use vmpod_runtime::agent_client::{AgentClient, Code, ExecSpec, OutputStream};
 use vmpod_tests::agent_vm;
 
 #[test]
@@ -77,4 +82,193 @@ fn destroy_sandbox_removes_everything() {
         handle.stop().await.unwrap()
     });
     assert!(reason.is_clean(), "{reason:?}");
+}
+
+/// What the agent (guest PID 1) holds: its threads' names and the targets
+/// of its open fds, read by a container in the VM's PID namespace with
+/// CAP_SYS_PTRACE (needed for another process's /proc/PID/fd).
+struct AgentView {
+    threads: Vec<String>,
+    fds: Vec<String>,
+}
+
+async fn agent_view(c: &AgentClient) -> AgentView {
+    let mut s = agent_vm::busybox_spec(&[
+        "sh",
+        "-c",
+        "cat /proc/1/task/*/comm; echo ---; ls -l /proc/1/fd",
+    ]);
+    s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "uts"}, {"type": "ipc"}]);
+    for set in ["bounding", "effective", "permitted"] {
+        s["process"]["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_SYS_PTRACE"));
+    }
+    let id = "probe";
+    c.create_container(id, serde_json::to_vec(&s).unwrap(), "", None, false)
+        .await
+        .unwrap();
+    c.start_container(id).await.unwrap();
+    let out = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
+    let err = c.read_to_end(id, "", OutputStream::Stderr).await.unwrap();
+    assert_eq!(
+        c.wait(id, "").await.unwrap().exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    c.remove_container(id).await.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let (threads, fds) = out.split_once("---\n").expect("probe output");
+    AgentView {
+        threads: threads.lines().map(str::to_string).collect(),
+        fds: fds
+            .lines()
+            .filter_map(|l| l.split_once(" -> ").map(|(_, t)| t.to_string()))
+            .collect(),
+    }
+}
+
+/// A shell loop writing 64 KiB chunks to stdout, counting finished ones
+/// in `/dev/shm/<name>` (the guest kernel has no per-task I/O accounting).
+fn flood(name: &str) -> String {
+    format!("i=0; while :; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /dev/shm/{name}; done")
+}
+
+/// Chunks the floods of container `id` finished, seen from an exec (same
+/// mount namespace, so the same /dev/shm).
+async fn chunks_written(c: &AgentClient, id: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let exec_id = format!(
+        "count-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let e = ExecSpec {
+        args: vec!["sh".into(), "-c".into(), "cat /dev/shm/*; true".into()],
+        ..Default::default()
+    };
+    let (out, _, _) = c
+        .exec_sync(id, &exec_id, &e, Duration::from_secs(30))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn finished_processes_release_agent_resources() {
+    let vm = agent_vm::boot("agent-leaks")
+        .unwrap_or_else(|e| panic!("booting the agent VM failed: {e}"));
+    let c = vm.client.clone();
+    vm.rt.block_on(async {
+        let spec = |args: &[&str]| serde_json::to_vec(&agent_vm::busybox_spec(args)).unwrap();
+        c.create_container("long", spec(&["sleep", "1000"]), "", None, false)
+            .await
+            .unwrap();
+        c.start_container("long").await.unwrap();
+        let before = agent_view(&c).await;
+
+        // Finished execs (tty ones hold a pty master, stdin ones a pipe)
+        // give everything back once waited for and read. Each lists its
+        // own fds: the process gets stdio only (3 is ls's directory).
+        for i in 0..12 {
+            let script = format!("echo run {i}: $(ls /proc/self/fd | tr '\\n' ' ')");
+            let e = ExecSpec {
+                args: vec!["sh".into(), "-c".into(), script],
+                terminal: i % 2 == 0,
+                stdin: i % 2 == 1,
+                ..Default::default()
+            };
+            let id = format!("e{i}");
+            c.exec("long", &id, &e).await.unwrap();
+            let out = c.read_to_end("long", &id, OutputStream::Stdout).await.unwrap();
+            let out = String::from_utf8_lossy(&out);
+            assert_eq!(out.trim_end(), format!("run {i}: 0 1 2 3"), "{out:?}");
+            assert_eq!(c.wait("long", &id).await.unwrap().exit_code, 0);
+        }
+        let ptmx = |v: &AgentView| v.fds.iter().filter(|f| f.as_str() == "/dev/ptmx").count();
+        // (retiring runs just after the wait returns: allow a moment)
+        let t = Instant::now();
+        loop {
+            let after = agent_view(&c).await;
+            if ptmx(&after) == ptmx(&before) && after.fds.len() == before.fds.len() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "after 12 finished execs the agent holds {} fds, {} pty masters (before: {}, {}): {:?}",
+                after.fds.len(),
+                ptmx(&after),
+                before.fds.len(),
+                ptmx(&before),
+                after.fds
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        // A container removed with output nobody read: the init's and an
+        // exec's reader threads sit on full buffers; remove must end them
+        // and close their pipes.
+        c.create_container("flood", spec(&["sh", "-c", &flood("init")]), "", None, false)
+            .await
+            .unwrap();
+        c.start_container("flood").await.unwrap();
+        let e = ExecSpec {
+            args: vec!["sh".into(), "-c".into(), flood("exec")],
+            ..Default::default()
+        };
+        let exec_pid = c.exec("flood", "fx", &e).await.unwrap();
+        let init_pid = c.list_containers().await.unwrap().iter().find(|i| i.container_id == "flood").unwrap().pid;
+        // Both writers blocked: 16+ chunks (1 MiB+) written and no more
+        // coming. The reader threads only stop reading (parked on full
+        // 1 MiB buffers) once the buffers are full.
+        let t = Instant::now();
+        let mut last = String::new();
+        loop {
+            let n = chunks_written(&c, "flood").await;
+            let counts: Vec<u64> = n.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if n == last && counts.len() == 2 && counts.iter().all(|&n| n >= 16) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "writers never blocked: {n:?}");
+            last = n;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let readers: Vec<String> = [init_pid, exec_pid]
+            .iter()
+            .flat_map(|p| [format!("out-{p}"), format!("err-{p}")])
+            .collect();
+        let during = agent_view(&c).await;
+        assert!(during.threads.contains(&readers[0]), "{:?}", during.threads);
+        c.remove_container("flood").await.unwrap();
+        // Reader threads end just after remove returns: allow a moment.
+        let t = Instant::now();
+        let after = loop {
+            let v = agent_view(&c).await;
+            let left: Vec<&String> = readers.iter().filter(|r| v.threads.contains(r)).collect();
+            if left.is_empty() && v.fds.len() == before.fds.len() {
+                break v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "after remove the agent still has reader threads {left:?} and {} fds (before: {}): {:?}",
+                v.fds.len(),
+                before.fds.len(),
+                v.fds
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert!(!after.fds.iter().any(|f| f == "/dev/ptmx"), "{:?}", after.fds);
+
+        // A retired exec is gone (NotFound) and its id free again.
+        let err = c.wait("long", "e0").await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::NOT_FOUND), "{err}");
+        let e = ExecSpec {
+            args: vec!["true".into()],
+            ..Default::default()
+        };
+        let (_, _, st) = c.exec_sync("long", "e0", &e, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st.exit_code, 0);
+        c.remove_container("long").await.unwrap();
+    });
 }

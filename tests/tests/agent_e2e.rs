@@ -714,3 +714,91 @@ fn rootfs_shared_from_the_host_over_virtiofs() {
         "from-guest\n"
     );
 }
+
+#[test]
+fn bad_resource_value_fails_create_and_leaves_no_cgroup() {
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        // The kernel refuses these at write time (no such file; a CPU the
+        // 1-vCPU guest lacks): the leaf made just before must go again.
+        let cases = [
+            (
+                "badres1",
+                json!({"unified": {"memory.bogus": "1"}}),
+                "memory.bogus",
+            ),
+            ("badres2", json!({"cpu": {"cpus": "7"}}), "cpuset.cpus"),
+        ];
+        for (id, res, file) in cases {
+            let mut s = spec(&["true"]);
+            s["linux"]["resources"] = res;
+            let e = c
+                .create_container(id, bytes(&s), "", None, false)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.code(),
+                Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
+                "{e}"
+            );
+            assert!(e.to_string().contains(file), "{e}");
+            let d = c.guest_details().await.unwrap();
+            assert!(
+                !d.cgroups.contains(&format!("vmpod/{id}")),
+                "{id}: {:?}",
+                d.cgroups
+            );
+            assert!(!d.container_ids.contains(&id.to_string()));
+        }
+        // the id is free again
+        let (out, _, st) = run(c, "badres1", &spec(&["echo", "ok"])).await;
+        assert_eq!((out.as_str(), st.exit_code), ("ok\n", 0));
+    });
+}
+
+#[test]
+fn create_cut_short_by_its_deadline_leaves_a_removable_container() {
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        use vmpod_runtime::agent_client::Code;
+        let id = "short-deadline";
+        // The agent drops the handler after 5 ms, long before a create
+        // (clone, stage 2, rootfs) is done under TCG.
+        let r = c
+            .with_timeout(Duration::from_millis(5))
+            .create_container(id, bytes(&spec(&["sleep", "1000"])), "", None, false)
+            .await;
+        eprintln!("create with a 5 ms deadline: {r:?}");
+        // The create finishes anyway: the container shows up as created,
+        // never stuck half-made (id reserved: remove refused, create
+        // AlreadyExists, cgroup leaked).
+        let t = Instant::now();
+        loop {
+            let list = c.list_containers().await.unwrap();
+            if list
+                .iter()
+                .any(|i| i.container_id == id && i.status == "created")
+            {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let r = c.remove_container(id).await;
+                panic!("container never appeared; remove says {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.remove_container(id).await.unwrap();
+        let d = c.guest_details().await.unwrap();
+        assert!(
+            !d.cgroups.contains(&format!("vmpod/{id}")),
+            "{:?}",
+            d.cgroups
+        );
+        let e = c.wait(id, "").await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::NOT_FOUND), "{e}");
+        let (out, _, st) = run(c, id, &spec(&["echo", "again"])).await;
+        assert_eq!((out.as_str(), st.exit_code), ("again\n", 0));
+    });
+}

@@ -57,7 +57,7 @@ pub struct MountConfig {
     pub data: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ProcessConfig {
     pub args: Vec<String>,
     pub env: Vec<String>,

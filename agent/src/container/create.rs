@@ -23,24 +23,21 @@ pub struct CreateRequest {
 
 pub async fn create(agent: &Arc<Agent>, req: CreateRequest) -> Result<u32> {
     validate_id("container", &req.id)?;
-    agent.reserve(&req.id)?;
     let a = agent.clone();
-    let id = req.id.clone();
-    let r = tokio::task::spawn_blocking(move || create_blocking(&a, req))
-        .await
-        .map_err(|e| AgentError::internal("create task", e))
-        .and_then(|r| r);
-    match r {
-        Ok(c) => {
-            let pid = c.init.pid as u32;
-            agent.insert(c);
-            Ok(pid)
-        }
-        Err(e) => {
-            agent.unreserve(&id);
-            Err(e)
-        }
-    }
+    // Reserve, create and insert (or release the id) all on the blocking
+    // thread: ttrpc drops this future when the caller's deadline passes,
+    // and the blocking task still runs to its end, so the id is never left
+    // reserved and a failure always cleans up. A create that finishes
+    // after its caller gave up leaves a created container to remove.
+    tokio::task::spawn_blocking(move || {
+        let reservation = a.reserve(&req.id)?;
+        let c = create_blocking(&a, req)?;
+        let pid = c.init.pid as u32;
+        reservation.fill(c);
+        Ok(pid)
+    })
+    .await
+    .map_err(|e| AgentError::internal("create task", e))?
 }
 
 fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Container>> {

@@ -1,4 +1,8 @@
 //! Exec: a new process in a running container's namespaces and cgroup.
+//! An exec stays in the container's table while it runs and after it
+//! exits, until `wait.rs` retires it (its exit collected and its output
+//! read) or the container is removed; see `Container::add_exec` for the
+//! bound on exited execs nobody waits for.
 
 use std::sync::Arc;
 
@@ -88,19 +92,14 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
                 what: what.clone(),
             },
         )?;
-        {
-            // Checked above too, but a concurrent exec with the same id may
-            // have launched meanwhile: the check and the insert are one step
-            // here, and the loser's staged child is dropped (it exits).
-            let mut execs = c2.execs.lock().unwrap_or_else(|p| p.into_inner());
-            if execs.contains_key(&exec_id) {
-                drop(execs);
-                p.abandon();
-                return Err(AgentError::AlreadyExists(format!(
-                    "{what}: exec id already exists"
-                )));
-            }
-            execs.insert(exec_id, p.clone());
+        // Checked above too, but a concurrent exec with the same id may
+        // have launched meanwhile: the check and the insert are one step
+        // here, and the loser's staged child is dropped (it exits).
+        if !c2.add_exec(&exec_id, p.clone()) {
+            p.release();
+            return Err(AgentError::AlreadyExists(format!(
+                "{what}: exec id already exists"
+            )));
         }
         if let Err(e) = p.start(&what) {
             // It may still be waiting (start timed out): nobody can start
@@ -111,10 +110,7 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
-            c2.execs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&req.exec_id);
+            c2.retire_exec(&exec_id, &p);
             return Err(e);
         }
         Ok(p)

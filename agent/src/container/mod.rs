@@ -13,6 +13,7 @@ pub mod spec;
 pub mod start;
 pub mod stats;
 pub mod update;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,7 +48,19 @@ pub struct Container {
     pub init_process: ProcessConfig,
     /// The container's own hostname namespace and cgroup namespace flags.
     pub new_cgroupns: bool,
+    /// Running execs, and exited ones until retired (see `exec.rs`).
     execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+/// Exited execs a container keeps whose exit no Wait collected (e.g. an
+/// ExecSync the host gave up on); older ones are retired when an exec is
+/// added, so the table stays bounded.
+pub const MAX_EXITED_EXECS: usize = 32;
+
+/// Ids of the exited execs (`(id, finished_at)`) beyond the newest `keep`.
+fn oldest_exited(mut exited: Vec<(String, i64)>, keep: usize) -> Vec<String> {
+    exited.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    exited.into_iter().skip(keep).map(|(id, _)| id).collect()
 }
 
 impl Container {
@@ -61,22 +74,69 @@ impl Container {
         }
     }
 
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add an exec; false if the id is taken. Exited execs beyond
+    /// [`MAX_EXITED_EXECS`] are retired (oldest first).
+    pub fn add_exec(&self, exec_id: &str, p: Arc<Process>) -> bool {
+        let evicted: Vec<Arc<Process>> = {
+            let mut execs = self.execs();
+            if execs.contains_key(exec_id) {
+                return false;
+            }
+            let exited = execs
+                .iter()
+                .filter_map(|(id, p)| Some((id.clone(), p.exit_info()?.finished_at)))
+                .collect();
+            let old = oldest_exited(exited, MAX_EXITED_EXECS.saturating_sub(1));
+            let evicted = old.iter().filter_map(|id| execs.remove(id)).collect();
+            execs.insert(exec_id.to_string(), p);
+            evicted
+        };
+        if !evicted.is_empty() {
+            tracing::info!(container = %self.id, count = evicted.len(), "uncollected exited execs retired");
+        }
+        for p in evicted {
+            p.release();
+        }
+        true
+    }
+
+    /// Take `p` out of the exec table (if it is still the exec `exec_id`)
+    /// and release its stdio.
+    pub fn retire_exec(&self, exec_id: &str, p: &Arc<Process>) {
+        {
+            let mut execs = self.execs();
+            if execs.get(exec_id).is_some_and(|q| Arc::ptr_eq(q, p)) {
+                execs.remove(exec_id);
+            }
+        }
+        p.release();
+    }
+
+    /// Release every process's stdio (init and execs) and empty the exec
+    /// table: the container is being removed.
+    pub fn release_all(&self) {
+        let execs: Vec<Arc<Process>> = self.execs().drain().map(|(_, p)| p).collect();
+        self.init.release();
+        for p in execs {
+            p.release();
+        }
+    }
+
     /// The init (empty exec id) or an exec.
     pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        self.execs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| {
-                AgentError::NotFound(format!(
-                    "exec {exec_id:?} not found in container {:?}",
-                    self.id
-                ))
-            })
+        self.execs().get(exec_id).cloned().ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "exec {exec_id:?} not found in container {:?}",
+                self.id
+            ))
+        })
     }
 }
 
@@ -100,6 +160,93 @@ pub fn validate_id(kind: &str, id: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn container(execs: &[(&str, Option<i64>)]) -> Container {
+        Container {
+            id: "c".into(),
+            cgroup: Cgroup::for_container("c"),
+            init: Process::for_test(1, None),
+            init_process: ProcessConfig::default(),
+            new_cgroupns: false,
+            execs: Mutex::new(
+                execs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, f))| (id.to_string(), Process::for_test(i as i32 + 2, *f)))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn exec_ids(c: &Container) -> Vec<String> {
+        let mut v: Vec<String> = c.execs().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn oldest_exited_beyond_keep() {
+        let v = vec![("a".into(), 30), ("b".into(), 10), ("c".into(), 20)];
+        assert_eq!(oldest_exited(v.clone(), 1), vec!["c", "b"]);
+        assert_eq!(oldest_exited(v.clone(), 3), Vec::<String>::new());
+        assert_eq!(oldest_exited(v, 0), vec!["a", "c", "b"]);
+    }
+
+    #[test]
+    fn exec_table_stays_bounded() {
+        // MAX_EXITED_EXECS exited (uncollected) execs plus running ones.
+        let mut execs: Vec<(String, Option<i64>)> = (0..MAX_EXITED_EXECS)
+            .map(|i| (format!("done{i:02}"), Some(i as i64)))
+            .collect();
+        execs.push(("running".into(), None));
+        let refs: Vec<(&str, Option<i64>)> = execs.iter().map(|(i, f)| (i.as_str(), *f)).collect();
+        let c = container(&refs);
+        assert!(
+            !c.add_exec("running", Process::for_test(99, None)),
+            "id taken"
+        );
+        let oldest = c.process("done00").unwrap();
+        assert!(c.add_exec("new", Process::for_test(100, None)));
+        let now = exec_ids(&c);
+        assert_eq!(now.len(), MAX_EXITED_EXECS + 1, "{now:?}");
+        assert!(
+            !now.contains(&"done00".to_string()),
+            "oldest exited retired"
+        );
+        assert!(now.contains(&"running".to_string()) && now.contains(&"new".to_string()));
+        assert!(
+            oldest.stdout.progress().borrow().drained,
+            "the retired exec's output is discarded"
+        );
+        // Adding many more never grows the table past running + the cap.
+        for i in 0..100 {
+            let p = Process::for_test(200 + i, Some(1000 + i as i64));
+            assert!(c.add_exec(&format!("more{i}"), p));
+        }
+        assert_eq!(exec_ids(&c).len(), MAX_EXITED_EXECS + 2);
+    }
+
+    #[test]
+    fn retire_only_the_same_process() {
+        let c = container(&[("e", Some(1))]);
+        let old = c.process("e").unwrap();
+        c.retire_exec("e", &old);
+        assert!(c.process("e").is_err());
+        // A new exec that reused the id is not retired by a stale handle.
+        assert!(c.add_exec("e", Process::for_test(7, None)));
+        c.retire_exec("e", &old);
+        let new = c.process("e").unwrap();
+        assert_eq!(new.pid, 7);
+        assert!(!new.stdout.progress().borrow().drained);
+        // Remove: every process's stdio is released, the table emptied.
+        c.release_all();
+        assert!(exec_ids(&c).is_empty());
+        for p in [&new, &c.init] {
+            assert!(p.stdout.progress().borrow().drained && p.stderr.progress().borrow().drained);
+        }
+    }
+
     #[test]
     fn ids() {
         assert!(super::validate_id("container", "abc-1.2_x").is_ok());

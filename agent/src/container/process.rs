@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,11 +33,15 @@ pub struct Process {
     pub stdout: Arc<OutBuf>,
     pub stderr: Arc<OutBuf>,
     pub stdin: Mutex<Option<File>>,
-    pub pty: Option<OwnedFd>,
+    /// The process has a terminal (`pty` until released).
+    pub terminal: bool,
+    pub pty: Mutex<Option<OwnedFd>>,
     pub exit: watch::Receiver<Option<ExitInfo>>,
     pub started_at: Mutex<Option<i64>>,
     /// Stage pipes until the process is started.
     stage: Mutex<Option<(File, File)>>,
+    /// A Wait has returned this process's exit (execs are then retired).
+    collected: AtomicBool,
 }
 
 pub fn now_nanos() -> i64 {
@@ -163,10 +168,12 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
         stdout,
         stderr,
         stdin: Mutex::new(stdin_w),
-        pty,
+        terminal,
+        pty: Mutex::new(pty),
         exit: rx,
         started_at: Mutex::new(None),
         stage: Mutex::new(Some((status, start))),
+        collected: AtomicBool::new(false),
     }))
 }
 
@@ -282,6 +289,51 @@ impl Process {
     /// Drop the stage pipes of a never-started process (it then exits).
     pub fn abandon(&self) {
         self.stage.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Nothing will use this process's stdio again (container removed,
+    /// exec retired): discard its output (ending the reader threads and
+    /// their pipes), close stdin and the pty master, drop the stage pipes.
+    /// Never blocks: a stdin held by a stuck WriteStdin is closed when
+    /// that call lets go of the process.
+    pub fn release(&self) {
+        self.stdout.discard();
+        self.stderr.discard();
+        match self.stdin.try_lock() {
+            Ok(mut g) => drop(g.take()),
+            Err(std::sync::TryLockError::Poisoned(p)) => drop(p.into_inner().take()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        self.pty.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.abandon();
+    }
+
+    /// Mark the exit as collected by a Wait; true the first time only.
+    pub fn mark_collected(&self) -> bool {
+        !self.collected.swap(true, Ordering::AcqRel)
+    }
+
+    /// A process that never ran, for table tests (`finished_at`: exited).
+    #[cfg(test)]
+    pub fn for_test(pid: i32, finished_at: Option<i64>) -> Arc<Process> {
+        let info = finished_at.map(|finished_at| ExitInfo {
+            exit: Exit::Code(0),
+            finished_at,
+            oom_killed: false,
+        });
+        let (_, rx) = watch::channel(info);
+        Arc::new(Process {
+            pid,
+            stdout: OutBuf::silent(),
+            stderr: OutBuf::silent(),
+            stdin: Mutex::new(None),
+            terminal: false,
+            pty: Mutex::new(None),
+            exit: rx,
+            started_at: Mutex::new(None),
+            stage: Mutex::new(None),
+            collected: AtomicBool::new(false),
+        })
     }
 
     pub async fn wait(&self) -> ExitInfo {

@@ -63,7 +63,15 @@ pub async fn update(
         .resources
         .as_ref()
         .ok_or_else(|| AgentError::InvalidArgument("update without resources".into()))?;
-    update::update(agent, &req.container_id, &resources_from_proto(r))?;
+    let (a, id, r) = (
+        agent.clone(),
+        req.container_id.clone(),
+        resources_from_proto(r),
+    );
+    // Lowering memory.max makes the write reclaim memory first: blocking.
+    tokio::task::spawn_blocking(move || update::update(&a, &id, &r))
+        .await
+        .map_err(|e| AgentError::internal("update task", e))??;
     Ok(UpdateContainerResponse::default())
 }
 

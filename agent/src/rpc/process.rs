@@ -8,6 +8,7 @@ use crate::container::config::UserConfig;
 use crate::container::exec;
 use crate::container::kill;
 use crate::container::process::ExitInfo;
+use crate::container::wait;
 use crate::error::Result;
 use crate::reaper::Exit;
 use crate::state::Agent;
@@ -62,11 +63,7 @@ pub fn wait_response(info: &ExitInfo, started_at: Option<i64>) -> WaitProcessRes
 }
 
 pub async fn wait(agent: &Arc<Agent>, req: WaitProcessRequest) -> Result<WaitProcessResponse> {
-    let c = agent.get(&req.container_id)?;
-    let p = c.process(&req.exec_id)?;
-    drop(c);
-    let info = p.wait().await;
-    let started = *p.started_at.lock().unwrap_or_else(|e| e.into_inner());
+    let (info, started) = wait::wait(agent, &req.container_id, &req.exec_id).await?;
     Ok(wait_response(&info, started))
 }
 

@@ -33,10 +33,22 @@ fn valid_sysctl(key: &str) -> bool {
             .all(|c| !c.is_empty() && c != ".." && !c.contains('/'))
 }
 
+/// Sandbox set-up makes blocking syscalls (mount(2) of virtio-fs can take
+/// long): it runs on a blocking thread, which also finishes (recording
+/// every mount it made, for destroy) if the caller's deadline drops the
+/// handler.
 pub async fn create_sandbox(
     agent: &Arc<Agent>,
     req: CreateSandboxRequest,
 ) -> Result<CreateSandboxResponse> {
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || set_up_sandbox(&a, req))
+        .await
+        .map_err(|e| AgentError::internal("sandbox set-up task", e))??;
+    Ok(CreateSandboxResponse::default())
+}
+
+fn set_up_sandbox(agent: &Agent, req: CreateSandboxRequest) -> Result<()> {
     if req.host_time_unix_nanos > 0 {
         set_clock(req.host_time_unix_nanos)?;
     }
@@ -95,7 +107,7 @@ pub async fn create_sandbox(
             .push(m.target.clone());
     }
     tracing::info!(sandbox = %req.sandbox_id, hostname = %req.hostname, "sandbox set up");
-    Ok(CreateSandboxResponse::default())
+    Ok(())
 }
 
 fn set_clock(nanos: i64) -> Result<()> {
@@ -112,10 +124,20 @@ pub async fn set_time(_agent: &Arc<Agent>, req: SetTimeRequest) -> Result<SetTim
     Ok(SetTimeResponse::default())
 }
 
+/// Runs as a task of its own (a dropped handler must not stop a teardown
+/// half-way); unmount and sync(2) run on a blocking thread.
 pub async fn destroy_sandbox(
     agent: &Arc<Agent>,
     _req: DestroySandboxRequest,
 ) -> Result<DestroySandboxResponse> {
+    let a = agent.clone();
+    tokio::spawn(async move { destroy(&a).await })
+        .await
+        .map_err(|e| AgentError::internal("destroy sandbox task", e))??;
+    Ok(DestroySandboxResponse::default())
+}
+
+async fn destroy(agent: &Arc<Agent>) -> Result<()> {
     // Remove every container and unmount everything even if one removal
     // fails; report the first failure at the end.
     let mut first_err = None;
@@ -125,21 +147,22 @@ pub async fn destroy_sandbox(
             first_err.get_or_insert(e);
         }
     }
-    let mounts: Vec<String> = std::mem::take(
-        &mut *agent
-            .sandbox_mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
-    for m in mounts.iter().rev() {
-        if let Err(e) = umount2(m.as_str(), MntFlags::MNT_DETACH) {
-            tracing::warn!(mount = %m, error = %e, "unmount on destroy");
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || {
+        let mounts: Vec<String> =
+            std::mem::take(&mut *a.sandbox_mounts.lock().unwrap_or_else(|p| p.into_inner()));
+        for m in mounts.iter().rev() {
+            if let Err(e) = umount2(m.as_str(), MntFlags::MNT_DETACH) {
+                tracing::warn!(mount = %m, error = %e, "unmount on destroy");
+            }
         }
-    }
-    nix::unistd::sync();
+        nix::unistd::sync();
+    })
+    .await
+    .map_err(|e| AgentError::internal("unmount task", e))?;
     match first_err {
         Some(e) => Err(e),
-        None => Ok(DestroySandboxResponse::default()),
+        None => Ok(()),
     }
 }
 

@@ -62,7 +62,7 @@ pub async fn close_stdin(agent: &Arc<Agent>, req: CloseStdinRequest) -> Result<C
     // stuck on a full pipe, and the ^D write itself can block.
     tokio::task::spawn_blocking(move || {
         let mut g = p.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        if p.pty.is_some() {
+        if p.terminal {
             // A tty has no separate stdin to close: send EOF (^D).
             if let Some(f) = g.as_mut() {
                 let _ = f.write_all(&[4]);
@@ -79,8 +79,8 @@ pub async fn close_stdin(agent: &Arc<Agent>, req: CloseStdinRequest) -> Result<C
 pub async fn resize_tty(agent: &Arc<Agent>, req: ResizeTtyRequest) -> Result<ResizeTtyResponse> {
     let c = agent.get(&req.container_id)?;
     let p = c.process(&req.exec_id)?;
-    let pty = p
-        .pty
+    let pty = p.pty.lock().unwrap_or_else(|e| e.into_inner());
+    let pty = pty
         .as_ref()
         .ok_or_else(|| AgentError::FailedPrecondition("process has no terminal".into()))?;
     let dim = |what: &str, v: u32| {
