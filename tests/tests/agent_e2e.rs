@@ -214,8 +214,25 @@ fn exec_signal_and_wait() {
             ),
             "{err}"
         );
-        let st = c.wait(id, "sync2").await.unwrap();
-        assert_eq!(st.signal, 9, "timed-out exec is killed");
+        // exec_sync killed and reaped it: no `sleep 100` left, and the
+        // agent has retired the exec (or still reports its SIGKILL).
+        let ps = ExecSpec {
+            args: vec!["ps".into(), "-o".into(), "args".into()],
+            ..Default::default()
+        };
+        let (out, _, _) = c
+            .exec_sync(id, "ps1", &ps, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            !out.contains("sleep 100"),
+            "timed-out exec is killed: {out}"
+        );
+        match c.wait(id, "sync2").await {
+            Ok(st) => assert_eq!(st.signal, 9, "timed-out exec is killed"),
+            Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
+        }
 
         // exec as another user from the container's /etc/passwd.
         let e = ExecSpec {

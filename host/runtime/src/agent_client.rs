@@ -569,12 +569,12 @@ impl AgentClient {
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(Err(e @ AgentClientError::OutputTooLarge { .. })) => {
-                let _ = self.signal(id, exec_id, 9, false).await;
+                self.kill_and_reap(id, exec_id).await;
                 Err(e)
             }
             Ok(r) => r,
             Err(_) => {
-                let _ = self.signal(id, exec_id, 9, false).await;
+                self.kill_and_reap(id, exec_id).await;
                 Err(AgentClientError::Timeout {
                     op: "exec sync",
                     timeout,
@@ -583,8 +583,21 @@ impl AgentClient {
         }
     }
 
+    /// SIGKILL an exec we give up on and collect its exit, so the agent
+    /// retires it (and its stdio) instead of keeping it until the cap.
+    async fn kill_and_reap(&self, id: &str, exec_id: &str) {
+        let _ = self.signal(id, exec_id, 9, false).await;
+        if let Err(e) = self
+            .with_timeout(Duration::from_secs(5))
+            .wait(id, exec_id)
+            .await
+        {
+            tracing::debug!(container = id, exec = exec_id, error = %e, "reaping a killed exec");
+        }
+    }
+
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
-        // Chunks of 64 KiB: stay far below the vsock in-flight limit.
+        // Chunks of 64 KiB: one bounded ttrpc message each.
         for chunk in data.chunks(64 << 10) {
             let req = WriteStdinRequest {
                 container_id: id.into(),
