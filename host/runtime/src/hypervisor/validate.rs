@@ -90,9 +90,20 @@ impl VmConfig {
             }
         }
         for (i, net) in self.nets.iter().enumerate() {
-            if net.tap.is_empty() || net.tap.len() > IFNAME_MAX || net.tap.contains('/') {
+            // Letters, digits, `_ . -` only: a valid Linux interface name
+            // that also needs no quoting on QEMU's `-netdev tap,ifname=`.
+            let name_ok = net
+                .tap
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if net.tap.is_empty()
+                || net.tap.len() > IFNAME_MAX
+                || !name_ok
+                || net.tap == "."
+                || net.tap == ".."
+            {
                 return Err(invalid(format!(
-                    "TAP name {:?} is not a valid interface name (1-{IFNAME_MAX} chars)",
+                    "TAP name {:?} is not a valid interface name (1-{IFNAME_MAX} of A-Z a-z 0-9 _ . -)",
                     net.tap
                 )));
             }
@@ -384,6 +395,10 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
         });
         assert!(err(&c).contains("TAP"));
+        for bad in ["tap0,script=/x", "a b", "..", "t/0", ""] {
+            c.nets[0].tap = bad.into();
+            assert!(err(&c).contains("TAP"), "{bad:?}");
+        }
         c.nets[0].tap = "tap0".into();
         c.nets[0].mac = "zz".into();
         assert!(err(&c).contains("MAC"));
