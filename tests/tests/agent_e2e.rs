@@ -22,8 +22,24 @@ struct Shared<'a> {
     shared: Option<&'a std::path::Path>,
 }
 
+/// Statics are never dropped: stop the shared VM when the test process
+/// exits, so QEMU's runtime dir and sockets are removed too.
+extern "C" fn stop_fixture() {
+    if let Some(Ok(f)) = FIXTURE.get() {
+        if let Some(vm) = &f.vm {
+            let _ = f
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(20), vm.stop()).await });
+        }
+    }
+}
+
 fn fixture() -> Shared<'static> {
-    match FIXTURE.get_or_init(|| agent_vm::boot("agent-e2e")) {
+    match FIXTURE.get_or_init(|| {
+        // SAFETY: registers a plain extern "C" fn with no captured state.
+        unsafe { libc::atexit(stop_fixture) };
+        agent_vm::boot("agent-e2e")
+    }) {
         Ok(f) => Shared {
             rt: &f.rt,
             client: &f.client,
