@@ -8,6 +8,7 @@
 
 mod container;
 mod error;
+mod log;
 mod pid1;
 mod reaper;
 mod rpc;
@@ -46,7 +47,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("VMPOD_AGENT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log::console)
         .with_ansi(false)
         .init();
     tracing::info!(
