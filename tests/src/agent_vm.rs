@@ -4,9 +4,10 @@
 //! connected agent client.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use vmpod_runtime::agent_client::{AgentClient, AGENT_VSOCK_PORT};
+use vmpod_runtime::agent_client::{AgentClient, ExitStatus, OutputStream, AGENT_VSOCK_PORT};
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
 use vmpod_runtime::hypervisor::{SharedDirConfig, VmConfig, VmHandle};
 
@@ -134,4 +135,61 @@ pub fn busybox_spec(args: &[&str]) -> serde_json::Value {
             "readonlyPaths": ["/proc/sys"]
         }
     })
+}
+
+static SHARED: OnceLock<Result<AgentVm, String>> = OnceLock::new();
+
+/// Statics are never dropped: stop the shared VM when the test process
+/// exits, so QEMU's runtime dir and sockets are removed too.
+extern "C" fn stop_shared() {
+    if let Some(Ok(f)) = SHARED.get() {
+        if let Some(vm) = &f.vm {
+            let _ = f
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(20), vm.stop()).await });
+        }
+    }
+}
+
+/// The one agent VM of this test binary, booted on first use (files in
+/// `target/<name>`) and stopped when the process exits; panics if it
+/// cannot boot.
+pub fn shared(name: &str) -> &'static AgentVm {
+    let vm = SHARED.get_or_init(|| {
+        // SAFETY: registers a plain extern "C" fn with no captured state.
+        unsafe { libc::atexit(stop_shared) };
+        boot(name)
+    });
+    match vm {
+        Ok(f) => f,
+        Err(e) => panic!("booting the agent VM failed: {e}"),
+    }
+}
+
+/// An OCI spec as the bytes the agent takes.
+pub fn bytes(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+/// create + start + collect output + wait + remove.
+pub async fn run(
+    c: &AgentClient,
+    id: &str,
+    spec: &serde_json::Value,
+) -> (String, String, ExitStatus) {
+    c.create_container(id, bytes(spec), "", None, false)
+        .await
+        .unwrap();
+    c.start_container(id).await.unwrap();
+    let (out, err) = tokio::join!(
+        c.read_to_end(id, "", OutputStream::Stdout),
+        c.read_to_end(id, "", OutputStream::Stderr)
+    );
+    let st = c.wait(id, "").await.unwrap();
+    c.remove_container(id).await.unwrap();
+    (
+        String::from_utf8_lossy(&out.unwrap()).into(),
+        String::from_utf8_lossy(&err.unwrap()).into(),
+        st,
+    )
 }

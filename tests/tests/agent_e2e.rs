@@ -7,14 +7,12 @@
 //!
 //! Needs `make guest` (kernel, initramfs) and a built `vmpod` (its vsock back-end).
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmpod_runtime::agent_client::{AgentClient, ExecSpec, OutputStream};
-use vmpod_tests::agent_vm::{self, AgentVm, BUSYBOX_ROOTFS as ROOTFS};
-
-static FIXTURE: OnceLock<Result<AgentVm, String>> = OnceLock::new();
+use vmpod_runtime::agent_client::{AgentClient, OutputStream};
+use vmpod_tests::agent_vm::{self, BUSYBOX_ROOTFS as ROOTFS};
+use vmpod_tests::agent_vm::{bytes, run};
 
 struct Shared<'a> {
     rt: &'a tokio::runtime::Runtime,
@@ -22,62 +20,17 @@ struct Shared<'a> {
     shared: Option<&'a std::path::Path>,
 }
 
-/// Statics are never dropped: stop the shared VM when the test process
-/// exits, so QEMU's runtime dir and sockets are removed too.
-extern "C" fn stop_fixture() {
-    if let Some(Ok(f)) = FIXTURE.get() {
-        if let Some(vm) = &f.vm {
-            let _ = f
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(20), vm.stop()).await });
-        }
-    }
-}
-
 fn fixture() -> Shared<'static> {
-    match FIXTURE.get_or_init(|| {
-        // SAFETY: registers a plain extern "C" fn with no captured state.
-        unsafe { libc::atexit(stop_fixture) };
-        agent_vm::boot("agent-e2e")
-    }) {
-        Ok(f) => Shared {
-            rt: &f.rt,
-            client: &f.client,
-            shared: f.shared.as_deref(),
-        },
-        Err(e) => panic!("booting the agent VM failed: {e}"),
+    let f = agent_vm::shared("agent-e2e");
+    Shared {
+        rt: &f.rt,
+        client: &f.client,
+        shared: f.shared.as_deref(),
     }
 }
 
 fn spec(args: &[&str]) -> serde_json::Value {
     agent_vm::busybox_spec(args)
-}
-
-fn bytes(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap()
-}
-
-/// create + start + collect output + wait + remove.
-async fn run(
-    c: &AgentClient,
-    id: &str,
-    spec: &serde_json::Value,
-) -> (String, String, vmpod_runtime::agent_client::ExitStatus) {
-    c.create_container(id, bytes(spec), "", None, false)
-        .await
-        .unwrap();
-    c.start_container(id).await.unwrap();
-    let (out, err) = tokio::join!(
-        c.read_to_end(id, "", OutputStream::Stdout),
-        c.read_to_end(id, "", OutputStream::Stderr)
-    );
-    let st = c.wait(id, "").await.unwrap();
-    c.remove_container(id).await.unwrap();
-    (
-        String::from_utf8_lossy(&out.unwrap()).into(),
-        String::from_utf8_lossy(&err.unwrap()).into(),
-        st,
-    )
 }
 
 #[test]
@@ -155,209 +108,6 @@ fn memory_limit_oom_kill() {
             stats.memory
         );
         f.client.remove_container(id).await.unwrap();
-    });
-}
-
-#[test]
-fn exec_signal_and_wait() {
-    let f = fixture();
-    let c = &f.client;
-    f.rt.block_on(async {
-        let id = "longrun";
-        let s = spec(&[
-            "sh",
-            "-c",
-            "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.2; done",
-        ]);
-        c.create_container(id, bytes(&s), "", None, false)
-            .await
-            .unwrap();
-        c.start_container(id).await.unwrap();
-        let (first, _) = c
-            .read_chunk(id, "", OutputStream::Stdout, Duration::from_secs(30))
-            .await
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&first), "ready\n");
-
-        // exec: output, exit code, same namespaces as the container.
-        let e = ExecSpec {
-            args: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo in-exec $(cat /proc/1/cmdline | tr '\\0' ' '); exit 4".into(),
-            ],
-            ..Default::default()
-        };
-        c.exec(id, "e1", &e).await.unwrap();
-        let out = c.read_to_end(id, "e1", OutputStream::Stdout).await.unwrap();
-        let st = c.wait(id, "e1").await.unwrap();
-        assert_eq!(st.exit_code, 4);
-        let out = String::from_utf8_lossy(&out);
-        assert!(
-            out.starts_with("in-exec sh -c trap"),
-            "exec sees the container's PID 1: {out}"
-        );
-
-        // exec_sync (CRI ExecSync): output and exit; a timeout kills it.
-        let e = ExecSpec {
-            args: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo out; echo err >&2; exit 5".into(),
-            ],
-            ..Default::default()
-        };
-        let (o, er, st) = c
-            .exec_sync(id, "sync1", &e, Duration::from_secs(30))
-            .await
-            .unwrap();
-        assert_eq!(
-            (o.as_slice(), er.as_slice(), st.exit_code),
-            (&b"out\n"[..], &b"err\n"[..], 5)
-        );
-        let e = ExecSpec {
-            args: vec!["sleep".into(), "100".into()],
-            ..Default::default()
-        };
-        let err = c
-            .exec_sync(id, "sync2", &e, Duration::from_secs(1))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                vmpod_runtime::agent_client::AgentClientError::Timeout { .. }
-            ),
-            "{err}"
-        );
-        // exec_sync killed and reaped it: no `sleep 100` left, and the
-        // agent has retired the exec (or still reports its SIGKILL).
-        let ps = ExecSpec {
-            args: vec!["ps".into(), "-o".into(), "args".into()],
-            ..Default::default()
-        };
-        let (out, _, _) = c
-            .exec_sync(id, "ps1", &ps, Duration::from_secs(30))
-            .await
-            .unwrap();
-        let out = String::from_utf8_lossy(&out);
-        assert!(
-            !out.contains("sleep 100"),
-            "timed-out exec is killed: {out}"
-        );
-        match c.wait(id, "sync2").await {
-            Ok(st) => assert_eq!(st.signal, 9, "timed-out exec is killed"),
-            Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
-        }
-
-        // exec as another user from the container's /etc/passwd.
-        let e = ExecSpec {
-            args: vec!["id".into()],
-            username: Some("user".into()),
-            ..Default::default()
-        };
-        c.exec(id, "e2", &e).await.unwrap();
-        let out = c.read_to_end(id, "e2", OutputStream::Stdout).await.unwrap();
-        assert!(
-            String::from_utf8_lossy(&out).starts_with("uid=1000(user) gid=1000(user)"),
-            "{}",
-            String::from_utf8_lossy(&out)
-        );
-
-        // a failing exec is a clear error, quickly.
-        let t = Instant::now();
-        let e = ExecSpec {
-            args: vec!["/bin/no-such-binary".into()],
-            ..Default::default()
-        };
-        let err = c.exec(id, "e3", &e).await.unwrap_err().to_string();
-        assert!(
-            err.contains("no-such-binary") && err.contains("not found"),
-            "{err}"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            t.elapsed()
-        );
-        let e = ExecSpec {
-            args: vec!["true".into()],
-            username: Some("ghost".into()),
-            ..Default::default()
-        };
-        let err = c.exec(id, "e4", &e).await.unwrap_err().to_string();
-        assert!(err.contains("ghost"), "{err}");
-
-        // Two concurrent execs with one id: exactly one runs, the other is
-        // AlreadyExists (both used to pass the id check during the launch).
-        let e = ExecSpec {
-            args: vec!["sh".into(), "-c".into(), "echo dup".into()],
-            ..Default::default()
-        };
-        let (a, b) = tokio::join!(c.exec(id, "dup", &e), c.exec(id, "dup", &e));
-        let errs: Vec<String> = [&a, &b]
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        assert_eq!(errs.len(), 1, "one of two same-id execs fails: {a:?} {b:?}");
-        assert!(errs[0].contains("already exists"), "{}", errs[0]);
-        let out = c
-            .read_to_end(id, "dup", OutputStream::Stdout)
-            .await
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out), "dup\n");
-        assert_eq!(c.wait(id, "dup").await.unwrap().exit_code, 0);
-
-        // Output beyond the caller's limit is an error, not host memory.
-        let e = ExecSpec {
-            args: vec![
-                "head".into(),
-                "-c".into(),
-                "200000".into(),
-                "/dev/zero".into(),
-            ],
-            ..Default::default()
-        };
-        c.exec(id, "big", &e).await.unwrap();
-        let err = c
-            .read_to_end_max(id, "big", OutputStream::Stdout, 1000)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                vmpod_runtime::agent_client::AgentClientError::OutputTooLarge { limit: 1000, .. }
-            ),
-            "{err}"
-        );
-        let rest = c
-            .read_to_end(id, "big", OutputStream::Stdout)
-            .await
-            .unwrap();
-        assert!(
-            rest.len() < 200000,
-            "the first chunk was consumed by the failed read"
-        );
-        assert_eq!(c.wait(id, "big").await.unwrap().exit_code, 0);
-
-        // SIGTERM reaches the trap; wait reports the exit.
-        c.signal(id, "", 15, false).await.unwrap();
-        let st = c.wait(id, "").await.unwrap();
-        assert_eq!((st.exit_code, st.signal), (42, 0));
-        let rest = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
-        assert!(String::from_utf8_lossy(&rest).contains("got-term"));
-        c.remove_container(id).await.unwrap();
-
-        // SIGKILL: reported as a signal.
-        let id = "killme";
-        c.create_container(id, bytes(&spec(&["sleep", "1000"])), "", None, false)
-            .await
-            .unwrap();
-        c.start_container(id).await.unwrap();
-        c.signal(id, "", 9, false).await.unwrap();
-        let st = c.wait(id, "").await.unwrap();
-        assert_eq!((st.exit_code, st.signal), (137, 9));
-        c.remove_container(id).await.unwrap();
     });
 }
 
@@ -523,90 +273,6 @@ fn isolation_settings_applied() {
         assert!(err.contains("Read-only file system"), "{err}");
         assert!(!out.contains("mkdir-ok"), "seccomp must deny mkdir: {out}");
         assert!(err.contains("Operation not permitted"), "{err}");
-    });
-}
-
-#[test]
-fn stdin_tty_update_and_stats() {
-    let f = fixture();
-    let c = &f.client;
-    f.rt.block_on(async {
-        // stdin: cat echoes what we send, and exits on close.
-        let id = "stdin";
-        c.create_container(id, bytes(&spec(&["cat"])), "", None, true)
-            .await
-            .unwrap();
-        c.start_container(id).await.unwrap();
-        c.write_stdin(id, "", b"line one\nline two\n")
-            .await
-            .unwrap();
-        c.close_stdin(id, "").await.unwrap();
-        let out = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
-        assert_eq!(out, b"line one\nline two\n");
-        assert_eq!(c.wait(id, "").await.unwrap().exit_code, 0);
-        c.remove_container(id).await.unwrap();
-
-        // tty exec, resources update, stats.
-        let id = "ttyc";
-        c.create_container(id, bytes(&spec(&["sleep", "1000"])), "", None, false)
-            .await
-            .unwrap();
-        c.start_container(id).await.unwrap();
-        let e = ExecSpec {
-            args: vec![
-                "sh".into(),
-                "-c".into(),
-                "test -t 0 && test -t 1 && echo is-a-tty".into(),
-            ],
-            terminal: true,
-            ..Default::default()
-        };
-        c.exec(id, "t1", &e).await.unwrap();
-        let out = c.read_to_end(id, "t1", OutputStream::Stdout).await.unwrap();
-        assert!(
-            String::from_utf8_lossy(&out).contains("is-a-tty"),
-            "{out:?}"
-        );
-        assert_eq!(c.wait(id, "t1").await.unwrap().exit_code, 0);
-
-        // resize reaches the process's terminal; sizes over u16 are refused.
-        let e = ExecSpec {
-            args: vec!["sh".into(), "-c".into(), "read x; stty size".into()],
-            terminal: true,
-            ..Default::default()
-        };
-        c.exec(id, "t2", &e).await.unwrap();
-        c.resize_tty(id, "t2", 40, 120).await.unwrap();
-        let err = c.resize_tty(id, "t2", 70_000, 80).await.unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
-            "{err}"
-        );
-        c.write_stdin(id, "t2", b"\n").await.unwrap();
-        let out = c.read_to_end(id, "t2", OutputStream::Stdout).await.unwrap();
-        assert!(String::from_utf8_lossy(&out).contains("40 120"), "{out:?}");
-        assert_eq!(c.wait(id, "t2").await.unwrap().exit_code, 0);
-
-        let res = vmpod_runtime::agent_client::agent::LinuxResources {
-            memory_limit_bytes: 64 << 20,
-            pids_limit: 20,
-            cpu_quota: 50_000,
-            cpu_period: 100_000,
-            ..Default::default()
-        };
-        c.update_container(id, res).await.unwrap();
-        let s = c.stats(id).await.unwrap();
-        assert_eq!(s.memory.limit_bytes, 64 << 20);
-        assert_eq!(s.pids.limit, 20);
-        assert!(s.pids.current >= 1);
-        assert!(s.memory.current_bytes > 0);
-        assert!(s.cpu.usage_usec > 0);
-        let list = c.list_containers().await.unwrap();
-        assert!(list
-            .iter()
-            .any(|ci| ci.container_id == id && ci.status == "running"));
-        c.remove_container(id).await.unwrap();
     });
 }
 
