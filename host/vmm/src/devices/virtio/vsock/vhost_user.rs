@@ -93,7 +93,7 @@ impl VsockBackend {
                 self.kicks += 1;
                 let mem = self.mem.memory();
                 let mut tx = vrings[TX].get_mut();
-                if tx.get_queue().ready() && drain_tx(&mut self.muxer, tx.get_queue_mut(), &*mem) {
+                if usable(&tx) && drain_tx(&mut self.muxer, tx.get_queue_mut(), &*mem) {
                     signal(&mut tx)?;
                 }
             }
@@ -108,11 +108,17 @@ impl VsockBackend {
         }
         let mem = self.mem.memory();
         let mut rx = vrings[RX].get_mut();
-        if rx.get_queue().ready() && fill_rx(&mut self.muxer, rx.get_queue_mut(), &*mem) {
+        if usable(&rx) && fill_rx(&mut self.muxer, rx.get_queue_mut(), &*mem) {
             signal(&mut rx)?;
         }
         Ok(())
     }
+}
+
+/// A ring we may touch: set up by the driver (ready) and enabled by the
+/// front-end (vhost-user rings start disabled until SET_VRING_ENABLE).
+fn usable(state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
+    state.get_queue().ready() && state.is_enabled()
 }
 
 /// Interrupt the driver unless it suppressed interrupts for this queue.
@@ -299,10 +305,18 @@ mod tests {
         }
         b.handle_event(RX as u16, EventSet::IN, &vrings, 0).unwrap();
 
-        // Host connects: the muxer event puts a REQUEST on the RX vring.
+        // Host connects while the front-end has the RX ring disabled:
+        // nothing may be written to it.
+        vrings[RX].set_enabled(false);
         let mut host = UnixStream::connect(&uds).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         host.write_all(b"CONNECT 1024\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        b.handle_event(MUXER_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(rxq.used_idx(), 0, "a disabled ring is left alone");
+        // Enabled: the REQUEST goes onto the RX vring.
+        vrings[RX].set_enabled(true);
         for _ in 0..50 {
             b.handle_event(MUXER_EVENT, EventSet::IN, &vrings, 0)
                 .unwrap();
