@@ -80,8 +80,19 @@ impl DerefMut for ChildGuard {
 }
 
 impl Drop for ChildGuard {
+    /// SIGTERM first, so a `vmpod vm run` stops its VM and removes its
+    /// runtime dir and sockets even when a test fails; SIGKILL after 10 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
+            if let Ok(None) = c.try_wait() {
+                // SAFETY: signalling our own child, which has not been reaped.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let start = Instant::now();
+                while matches!(c.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(10)
+                {
+                    std::thread::sleep(POLL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
