@@ -14,6 +14,16 @@ use crate::process::run_ok;
 /// Source of `/bin/vsock_probe` (see the comment at its top for the modes).
 pub const VSOCK_PROBE_C: &str = include_str!("guest/vsock_probe.c");
 
+/// What every busybox `/init` of the tests starts with (see
+/// [`Initramfs::busybox_init`]).
+pub const BUSYBOX_INIT_PREAMBLE: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
+";
+
 /// An initramfs tree being put together in a directory of its own.
 pub struct Initramfs {
     root: PathBuf,
@@ -67,6 +77,14 @@ impl Initramfs {
         std::fs::write(&init, script).unwrap();
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
         self
+    }
+
+    /// busybox-static plus a shell `/init` that installs the applets into
+    /// `/bin`, mounts proc, sysfs and devtmpfs, then runs `body`.
+    pub fn busybox_init(self, body: &str) -> Initramfs {
+        self.dirs(&["proc", "sys", "dev"])
+            .busybox()
+            .init(&format!("{BUSYBOX_INIT_PREAMBLE}{body}"))
     }
 
     /// Pack the tree (owned by root, sorted) into the newc archive `out`.

@@ -33,13 +33,8 @@ const MARKER: &str = "VMPOD-TEST-INIT";
 const ECHO_BYTES: usize = 16 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs dev /dev
-echo VMPOD-TEST-INIT
+/// `/init` after [`vmpod_tests::initramfs::BUSYBOX_INIT_PREAMBLE`].
+const INIT: &str = r#"echo VMPOD-TEST-INIT
 echo "VMPOD-NPROC=$(nproc)"
 mode=$(sed -n 's/.*vmpod_test=\([a-z]*\).*/\1/p' /proc/cmdline)
 case "$mode" in
@@ -105,10 +100,9 @@ fn artifacts() -> &'static Artifacts {
         );
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm_qemu");
         let initrd = Initramfs::new(&work.join("root"))
-            .dirs(&["proc", "sys", "dev", "mnt"])
-            .busybox()
+            .dirs(&["mnt"])
             .vsock_probe()
-            .init(INIT)
+            .busybox_init(INIT)
             .cpio(&work.join("initrd.cpio"));
         Artifacts { kernel, initrd }
     })

@@ -23,13 +23,8 @@ use vmpod_tests::vm::{
 const MARKER: &str = "VMPOD-BUILTIN-INIT";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs dev /dev
-echo VMPOD-BUILTIN-INIT
+/// `/init` after [`vmpod_tests::initramfs::BUSYBOX_INIT_PREAMBLE`].
+const INIT: &str = r#"echo VMPOD-BUILTIN-INIT
 echo "VMPOD-NPROC=$(nproc)"
 mode=$(sed -n 's/.*vmpod_test=\([a-z]*\).*/\1/p' /proc/cmdline)
 if [ "$mode" = panic ]; then exit 3; fi
@@ -60,10 +55,8 @@ fn initrd() -> &'static PathBuf {
     I.get_or_init(|| {
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vmm_userspace");
         Initramfs::new(&work.join("root"))
-            .dirs(&["proc", "sys", "dev"])
-            .busybox()
             .vsock_probe()
-            .init(INIT)
+            .busybox_init(INIT)
             .cpio(&work.join("initrd.cpio"))
     })
 }

@@ -33,13 +33,8 @@ const CHUNK: usize = 64 * 1024;
 const BULK: usize = 32 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs dev /dev
-/bin/vsock_probe echo 5001
+/// `/init` after [`vmpod_tests::initramfs::BUSYBOX_INIT_PREAMBLE`].
+const INIT: &str = r#"/bin/vsock_probe echo 5001
 poweroff -f
 "#;
 
@@ -62,10 +57,8 @@ fn main() {
     let runs = bench::runs();
     let (work, kernel) = bench::setup("vsock");
     let initrd = Initramfs::new(&work.path().join("root"))
-        .dirs(&["bin", "proc", "sys", "dev"])
-        .busybox()
         .vsock_probe()
-        .init(INIT)
+        .busybox_init(INIT)
         .cpio(&work.path().join("initrd.cpio.gz"));
     let vmpod = vmpod_bin();
 
