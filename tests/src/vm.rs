@@ -84,21 +84,40 @@ pub fn console_value(text: &str, key: &str) -> String {
         .to_string()
 }
 
+/// Open a host-initiated hybrid-vsock connection to guest `port` through
+/// the VM's socket `uds` (`CONNECT <port>` in one write, then the `OK`
+/// line read byte by byte, so nothing the guest sends after it is
+/// consumed); `timeout` applies to every read on the returned stream.
+pub fn hybrid_connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("writing CONNECT: {e}"))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        s.read_exact(&mut byte)
+            .map_err(|e| format!("handshake reply: {e}"))?;
+        line.push(byte[0]);
+    }
+    if line.starts_with(b"OK ") {
+        Ok(s)
+    } else {
+        Err(format!(
+            "hybrid vsock handshake answered {:?}",
+            String::from_utf8_lossy(&line)
+        ))
+    }
+}
+
 /// Host-initiated hybrid-vsock connection to guest `port` through the VM's
-/// socket `uds`: `CONNECT`, `OK`, then one line each way; returns the
+/// socket `uds` ([`hybrid_connect`]), then one line each way; returns the
 /// guest's reply line (trimmed). 20 s read timeout.
 pub fn host_to_guest(uds: &Path, port: u32, line: &str) -> String {
-    let mut s = UnixStream::connect(uds).expect("connect to the VM's vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // The CONNECT line in one write (our muxer also accepts it in pieces).
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut s =
+        hybrid_connect(uds, port, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
     let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert!(
-        ok.starts_with("OK "),
-        "hybrid vsock handshake answered {ok:?}"
-    );
     writeln!(s, "{line}").unwrap();
     let mut reply = String::new();
     r.read_line(&mut reply).unwrap();

@@ -23,8 +23,8 @@ use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::net::{link_exists, ping_ok, tap_unavailable, Tap};
 use vmpod_tests::process::{alive, children, wait_gone, ChildGuard};
 use vmpod_tests::vm::{
-    console_value, exit_reason, host_to_guest, serve_guest_connect, vm_run_command, wait_console,
-    CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
+    console_value, exit_reason, host_to_guest, hybrid_connect, serve_guest_connect, vm_run_command,
+    wait_console, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
 };
 use vmpod_tests::{build_dir, vmpod_bin};
 
@@ -114,16 +114,8 @@ fn artifacts() -> &'static Artifacts {
 /// EOF, finishes echoing and closes. The case vhost-device-vsock 0.3.0
 /// stalls on (lost credit update) and cannot do (no half-close).
 fn saturated_echo(uds: &Path, port: u32, total: usize) {
-    let mut s = UnixStream::connect(uds).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut ok = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        s.read_exact(&mut byte).expect("handshake reply");
-        ok.push(byte[0]);
-    }
-    assert!(ok.starts_with(b"OK "), "{:?}", String::from_utf8_lossy(&ok));
+    let mut s =
+        hybrid_connect(uds, port, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let pattern = |i: usize| (i * 7 + i / 4093) as u8;
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {

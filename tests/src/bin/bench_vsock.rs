@@ -16,7 +16,6 @@
 //! runs, BENCH_RUNS, default 5, and the machine).
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use vmpod_tests::bench::{self, fmt_stats, machine, median, proc_mem, stats, vmpo
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::{children, ChildGuard};
 use vmpod_tests::repo_root;
+use vmpod_tests::vm::hybrid_connect;
 
 const PORT: u32 = 5001;
 const PINGS: usize = 1000;
@@ -219,20 +219,8 @@ fn measure(
         .ok_or("vsock back-end process not found")?;
 
     let t = Instant::now();
-    let mut s = UnixStream::connect(&uds).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(format!("CONNECT {PORT}\n").as_bytes()).unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        s.read_exact(&mut byte)
-            .map_err(|e| format!("handshake: {e}"))?;
-        line.push(byte[0]);
-    }
+    let mut s = hybrid_connect(&uds, PORT, Duration::from_secs(30))?;
     let connect_ms = t.elapsed().as_secs_f64() * 1e3;
-    if !line.starts_with(b"OK ") {
-        return Err(format!("handshake: {:?}", String::from_utf8_lossy(&line)));
-    }
 
     let ping = [0x42u8; 64];
     let mut back = [0u8; 64];
