@@ -58,7 +58,8 @@ pub struct VsockBackend {
     muxer: Muxer,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     timer: TimerFd,
-    exit: Option<(EventConsumer, EventNotifier)>,
+    /// The worker thread's exit event (the crate takes clones).
+    exit: (EventConsumer, EventNotifier),
     kicks: u64,
 }
 
@@ -77,7 +78,7 @@ impl VsockBackend {
             muxer: Muxer::new(cid, uds)?,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             timer,
-            exit: Some(exit),
+            exit,
             kicks: 0,
         })
     }
@@ -174,7 +175,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.exit.as_ref()?;
+        let (c, n) = &self.exit;
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 
