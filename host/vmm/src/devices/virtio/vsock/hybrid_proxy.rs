@@ -21,12 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::muxer::{parse_connect, CONNECT_TIMEOUT};
+use super::muxer::{parse_connect, CONNECT_TIMEOUT, MAX_CONNECT_LINE};
 use super::Error;
 
 /// Most relayed connections at once.
 const MAX_CONNECTIONS: usize = 1024;
-const MAX_CONNECT_LINE: usize = 32;
 
 /// A byte stream to the guest that can be split into two directions.
 pub trait GuestStream: Read + Write + Send + Sized + 'static {

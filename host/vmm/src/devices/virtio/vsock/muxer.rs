@@ -25,7 +25,7 @@ use super::Error;
 /// How long the guest has to accept a host-initiated connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `CONNECT <port>\n` line we accept.
-const MAX_CONNECT_LINE: usize = 32;
+pub(crate) const MAX_CONNECT_LINE: usize = 32;
 /// Host-side port numbers for host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const MAX_CONNECTIONS: usize = 1024;
