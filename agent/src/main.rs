@@ -74,6 +74,11 @@ fn run(port: u32, is_init: bool) -> Result<(), String> {
     if let Err(e) = pid1::loopback_up() {
         tracing::warn!(error = %e, "loopback up");
     }
+    if is_init {
+        if let Err(e) = pid1::raise_fd_limit() {
+            tracing::warn!(error = %e, "raising the agent's open-file limit");
+        }
+    }
     let cgroups = Arc::new(DirCgroupFs::new("/sys/fs/cgroup"));
     if let Err(e) = setup_pod_parent(cgroups.as_ref()) {
         tracing::warn!(error = %e, "pod cgroup set-up; resource limits may not apply");

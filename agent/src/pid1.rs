@@ -65,6 +65,28 @@ pub fn mount_base() {
     }
 }
 
+/// The agent holds a few fds per container and exec (stdio pipes, pty
+/// masters, pidfds): the kernel's 1024 for PID 1 would cap a pod at a few
+/// hundred processes. Containers get [`CONTAINER_NOFILE`] back in stage 2.
+pub const AGENT_NOFILE: libc::rlim_t = 1 << 20;
+
+/// Open-file limit (soft, hard) a container starts with unless its spec
+/// says otherwise (containerd 2's default: select()-safe soft limit, a hard
+/// limit a process may raise itself to).
+pub const CONTAINER_NOFILE: (libc::rlim_t, libc::rlim_t) = (1024, 524_288);
+
+pub fn raise_fd_limit() -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: AGENT_NOFILE,
+        rlim_max: AGENT_NOFILE,
+    };
+    // SAFETY: valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `ip link set lo up`.
 pub fn loopback_up() -> std::io::Result<()> {
     // SAFETY: plain socket + ioctls on a zeroed ifreq naming "lo".

@@ -3,6 +3,7 @@
 //! across blocking work or awaits).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::container::cgroup::CgroupFs;
@@ -16,6 +17,8 @@ pub struct Agent {
     containers: Mutex<HashMap<String, Slot>>,
     /// Mount points the sandbox set-up added (removed on destroy).
     pub sandbox_mounts: Mutex<Vec<String>>,
+    /// Set by DestroySandbox: no container may be created any more.
+    destroying: AtomicBool,
 }
 
 enum Slot {
@@ -31,6 +34,7 @@ impl Agent {
             cgroups,
             containers: Mutex::new(HashMap::new()),
             sandbox_mounts: Mutex::new(Vec::new()),
+            destroying: AtomicBool::new(false),
         })
     }
 
@@ -52,6 +56,11 @@ impl Agent {
     /// again when the [`Reservation`] is dropped unfilled (failure, panic).
     pub fn reserve(self: &Arc<Self>, id: &str) -> Result<Reservation> {
         let mut m = self.map();
+        if self.destroying.load(Ordering::SeqCst) {
+            return Err(AgentError::FailedPrecondition(
+                "the sandbox is being destroyed".into(),
+            ));
+        }
         if m.contains_key(id) {
             return Err(AgentError::AlreadyExists(format!(
                 "container {id:?} already exists"
@@ -62,6 +71,21 @@ impl Agent {
             agent: self.clone(),
             id: Some(id.to_string()),
         })
+    }
+
+    /// Refuse new containers from now on (checked under the map lock, so
+    /// after this returns [`Agent::creating`] can only go down).
+    pub fn begin_destroy(&self) {
+        let _m = self.map();
+        self.destroying.store(true, Ordering::SeqCst);
+    }
+
+    /// Containers still being created.
+    pub fn creating(&self) -> usize {
+        self.map()
+            .values()
+            .filter(|s| matches!(s, Slot::Reserved))
+            .count()
     }
 
     pub fn remove(&self, id: &str) {
@@ -132,5 +156,17 @@ mod tests {
         })
         .join();
         assert!(agent.reserve("b").is_ok());
+    }
+
+    #[test]
+    fn destroy_refuses_new_containers_and_counts_pending_ones() {
+        let agent = Agent::new(Arc::default(), Arc::new(DirCgroupFs::new("/nonexistent")));
+        let pending = agent.reserve("a").unwrap();
+        agent.begin_destroy();
+        assert_eq!(agent.creating(), 1);
+        let e = agent.reserve("b").err().unwrap();
+        assert!(matches!(e, AgentError::FailedPrecondition(_)), "{e}");
+        drop(pending);
+        assert_eq!(agent.creating(), 0);
     }
 }

@@ -73,6 +73,19 @@ fn echo_output_and_exit_code() {
 }
 
 #[test]
+fn default_open_file_limit_is_not_the_agents() {
+    let f = fixture();
+    f.rt.block_on(async {
+        // The agent raises its own limit; a container without rlimits in
+        // its spec gets 1024 soft / 524288 hard, not the agent's.
+        let s = spec(&["sh", "-c", "ulimit -Sn; ulimit -Hn"]);
+        let (out, err, st) = run(f.client, "nofile", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        assert_eq!(out, "1024\n524288\n");
+    });
+}
+
+#[test]
 fn large_output_is_not_lost() {
     let f = fixture();
     f.rt.block_on(async {

@@ -124,6 +124,9 @@ pub async fn set_time(_agent: &Arc<Agent>, req: SetTimeRequest) -> Result<SetTim
     Ok(SetTimeResponse::default())
 }
 
+/// How long DestroySandbox waits for container creates in flight.
+const CREATE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs as a task of its own (a dropped handler must not stop a teardown
 /// half-way); unmount and sync(2) run on a blocking thread.
 pub async fn destroy_sandbox(
@@ -138,8 +141,18 @@ pub async fn destroy_sandbox(
 }
 
 async fn destroy(agent: &Arc<Agent>) -> Result<()> {
-    // Remove every container and unmount everything even if one removal
-    // fails; report the first failure at the end.
+    // No new containers; those being created finish (or fail) first, so
+    // none is left behind. Then remove every container and unmount
+    // everything even if one removal fails; report the first failure.
+    agent.begin_destroy();
+    let t = std::time::Instant::now();
+    while agent.creating() > 0 {
+        if t.elapsed() > CREATE_DRAIN_TIMEOUT {
+            tracing::warn!(pending = agent.creating(), "destroy: creates still running");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut first_err = None;
     for c in agent.list() {
         if let Err(e) = delete::remove(agent, &c.id).await {

@@ -109,7 +109,15 @@ fn run(status: &mut File) -> StageResult<Never> {
         StageMode::Exec { namespaces } => join_namespaces(namespaces)?,
     }
 
-    // Stage 4: process attributes.
+    // Stage 4: process attributes. The agent's own open-file limit is not
+    // the container's: start from the default, then the spec's.
+    let nofile = libc::rlimit {
+        rlim_cur: crate::pid1::CONTAINER_NOFILE.0,
+        rlim_max: crate::pid1::CONTAINER_NOFILE.1,
+    };
+    // SAFETY: valid rlimit struct. Lowering needs no privilege; a failure
+    // leaves the inherited limit, which is only more generous.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) };
     for r in &p.rlimits {
         let lim = libc::rlimit {
             rlim_cur: r.soft,

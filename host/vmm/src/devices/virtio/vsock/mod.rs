@@ -44,6 +44,8 @@ pub enum Error {
 pub(crate) const QUEUE_SIZES: &[u16] = &[256, 256, 256];
 pub(crate) const RX: usize = 0;
 pub(crate) const TX: usize = 1;
+/// The event queue: only transport resets go there, and we never send one.
+pub(crate) const EVQ: usize = 2;
 /// Payload per RX packet at most (Linux posts 4 KiB buffers by default).
 const MAX_RX_DATA: usize = 64 * 1024;
 

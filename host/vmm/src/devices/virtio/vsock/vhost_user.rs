@@ -40,7 +40,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::Muxer;
-use super::{drain_tx, fill_rx, Error, RX, TX};
+use super::{drain_tx, fill_rx, Error, EVQ, RX, TX};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 /// Our queues are 0..3; event ids from 3 up belong to the crate (3 = exit)
@@ -99,7 +99,7 @@ impl VsockBackend {
                 }
             }
             e if e as usize == RX => self.kicks += 1,
-            e if e as usize == 2 => {} // event queue: we never send events
+            e if e as usize == EVQ => {} // we never send transport events
             MUXER_EVENT => self.muxer.process_events(),
             TICK_EVENT => {
                 let _ = self.timer.wait();
@@ -368,7 +368,7 @@ mod tests {
         let vrings: Vec<VringRwLock> = (0..3)
             .map(|_| VringRwLock::new(atomic.clone(), 16).unwrap())
             .collect();
-        for ev in [RX as u16, TX as u16, 2, MUXER_EVENT, 99] {
+        for ev in [RX as u16, TX as u16, EVQ as u16, MUXER_EVENT, 99] {
             b.handle_event(ev, EventSet::IN, &vrings, 0).unwrap();
         }
         assert!(b.exit_event(0).is_some());
