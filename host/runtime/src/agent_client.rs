@@ -3,15 +3,15 @@
 //! then a byte stream to the guest's vsock port).
 //!
 //! Every call has a timeout; [`AgentClient::connect_retry`] retries with
-//! backoff while the guest boots. Output is read in chunks of at most
+//! backoff while the guest boots; a broken connection is re-dialled and
+//! idempotent calls retried once (see `conn.rs`). Output is read in chunks of at most
 //! 64 KiB, which keeps vsock traffic far below the 256 KiB in-flight limit
 //! of the QEMU backend's vsock device.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use ttrpc::context::{self, Context};
 use vmpod_proto::agent::*;
 use vmpod_proto::agent_ttrpc::AgentClient as RawAgent;
@@ -21,12 +21,16 @@ use vmpod_proto::health::{
 use vmpod_proto::health_ttrpc::HealthClient;
 
 mod api;
+mod conn;
 
 pub use api::AgentApi;
+pub use conn::connect_stream;
 pub use ttrpc::Code;
 pub use vmpod_proto::agent;
 pub use vmpod_proto::AGENT_VSOCK_PORT;
 
+/// Longest a re-dial after a broken connection may take.
+const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most stdout (and, separately, stderr) bytes [`AgentClient::exec_sync`]
@@ -144,69 +148,19 @@ pub struct ExecSpec {
     pub stdin: bool,
 }
 
-/// A connected agent client. Cheap to clone (one connection).
+/// A connected agent client. Cheap to clone: clones share one connection,
+/// which is re-dialled after it breaks (see [`conn`]).
 #[derive(Clone)]
 pub struct AgentClient {
-    agent: RawAgent,
-    health: HealthClient,
+    conn: Arc<conn::Shared>,
     timeout: Duration,
-}
-
-/// Open the hybrid-vsock stream to `port` in the guest.
-pub async fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream> {
-    let hs = |msg: String| AgentClientError::Handshake {
-        path: uds.into(),
-        port,
-        msg,
-    };
-    let mut s = UnixStream::connect(uds)
-        .await
-        .map_err(|source| AgentClientError::Connect {
-            path: uds.into(),
-            source,
-        })?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .map_err(|e| hs(format!("write: {e}")))?;
-    // Read the reply byte by byte: what follows belongs to ttrpc.
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let mut b = [0u8; 1];
-        let n = s.read(&mut b).await.map_err(|e| hs(format!("read: {e}")))?;
-        if n == 0 {
-            return Err(hs(format!(
-                "connection closed after {:?} (nothing listening on the port yet?)",
-                String::from_utf8_lossy(&line)
-            )));
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        line.push(b[0]);
-        if line.len() > 64 {
-            return Err(hs("reply line too long".into()));
-        }
-    }
-    let line = String::from_utf8_lossy(&line);
-    if !line.starts_with("OK ") {
-        return Err(hs(format!("unexpected reply {line:?}")));
-    }
-    Ok(s)
 }
 
 impl AgentClient {
     /// One connection attempt.
     pub async fn connect(uds: &Path, port: u32, handshake_timeout: Duration) -> Result<Self> {
-        let s = tokio::time::timeout(handshake_timeout, connect_stream(uds, port))
-            .await
-            .map_err(|_| AgentClientError::Timeout {
-                op: "connect",
-                timeout: handshake_timeout,
-            })??;
-        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(s));
         Ok(AgentClient {
-            agent: RawAgent::new(client.clone()),
-            health: HealthClient::new(client),
+            conn: Arc::new(conn::Shared::dial(uds, port, handshake_timeout).await?),
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -258,9 +212,51 @@ impl AgentClient {
         context::with_duration(self.timeout)
     }
 
+    fn agent(&self) -> RawAgent {
+        self.conn.current().0
+    }
+
+    fn health(&self) -> HealthClient {
+        self.conn.current().1
+    }
+
     /// Run an RPC under the client timeout (enforced locally too, so a
-    /// stalled connection cannot hang the caller).
+    /// stalled connection cannot hang the caller). A broken connection is
+    /// re-dialled for the next call; this one fails (it may have run).
     async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        let generation = self.conn.generation();
+        let r = self.call_once(op, f).await;
+        if let Err(AgentClientError::Transport { .. }) = &r {
+            self.redial(generation).await;
+        }
+        r
+    }
+
+    /// [`AgentClient::call`] for requests that may safely run twice (reads,
+    /// waits): after a broken connection is re-dialled, retried once.
+    async fn call_idempotent<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let generation = self.conn.generation();
+        match self.call_once(op, f()).await {
+            Err(e @ AgentClientError::Transport { .. }) => {
+                if self.redial(generation).await {
+                    self.call_once(op, f()).await
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
+    }
+
+    async fn call_once<T>(
         &self,
         op: &'static str,
         f: impl std::future::Future<Output = ttrpc::Result<T>>,
@@ -272,12 +268,27 @@ impl AgentClient {
         }
     }
 
+    /// Replace the connection seen at `generation` (unless another caller
+    /// already did). True when a working connection is in place.
+    async fn redial(&self, generation: u64) -> bool {
+        match self
+            .conn
+            .redial(generation, self.timeout.min(REDIAL_TIMEOUT))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent connection broken; re-dial failed");
+                false
+            }
+        }
+    }
+
     pub async fn check(&self) -> Result<()> {
         let r = self
-            .call(
-                "health check",
-                self.health.check(self.ctx(), &CheckRequest::new()),
-            )
+            .call_idempotent("health check", || async {
+                self.health().check(self.ctx(), &CheckRequest::new()).await
+            })
             .await?;
         if r.status.enum_value_or_default() != ServingStatus::SERVING {
             return Err(AgentClientError::Rpc {
@@ -290,17 +301,18 @@ impl AgentClient {
     }
 
     pub async fn version(&self) -> Result<VersionResponse> {
-        self.call(
-            "version",
-            self.health.version(self.ctx(), &VersionRequest::new()),
-        )
+        self.call_idempotent("version", || async {
+            self.health()
+                .version(self.ctx(), &VersionRequest::new())
+                .await
+        })
         .await
     }
 
     pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<()> {
         self.call(
             "create sandbox",
-            self.agent.create_sandbox(self.ctx(), &req),
+            self.agent().create_sandbox(self.ctx(), &req),
         )
         .await
         .map(drop)
@@ -316,7 +328,7 @@ impl AgentClient {
             unix_nanos: now,
             ..Default::default()
         };
-        self.call("set time", self.agent.set_time(self.ctx(), &req))
+        self.call("set time", self.agent().set_time(self.ctx(), &req))
             .await
             .map(drop)
     }
@@ -324,7 +336,7 @@ impl AgentClient {
     pub async fn destroy_sandbox(&self) -> Result<()> {
         self.call(
             "destroy sandbox",
-            self.agent
+            self.agent()
                 .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new()),
         )
         .await
@@ -332,11 +344,11 @@ impl AgentClient {
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {
-        self.call(
-            "guest details",
-            self.agent
-                .guest_details(self.ctx(), &GuestDetailsRequest::new()),
-        )
+        self.call_idempotent("guest details", || async {
+            self.agent()
+                .guest_details(self.ctx(), &GuestDetailsRequest::new())
+                .await
+        })
         .await
     }
 
@@ -360,7 +372,7 @@ impl AgentClient {
         Ok(self
             .call(
                 "create container",
-                self.agent.create_container(self.ctx(), &req),
+                self.agent().create_container(self.ctx(), &req),
             )
             .await?
             .pid)
@@ -373,7 +385,7 @@ impl AgentClient {
         };
         self.call(
             "start container",
-            self.agent.start_container(self.ctx(), &req),
+            self.agent().start_container(self.ctx(), &req),
         )
         .await
         .map(drop)
@@ -387,7 +399,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.call("signal", self.agent.signal_process(self.ctx(), &req))
+        self.call("signal", self.agent().signal_process(self.ctx(), &req))
             .await
             .map(drop)
     }
@@ -400,7 +412,9 @@ impl AgentClient {
             ..Default::default()
         };
         Ok(self
-            .call("wait", self.agent.wait_process(self.ctx(), &req))
+            .call_idempotent("wait", || async {
+                self.agent().wait_process(self.ctx(), &req).await
+            })
             .await?
             .into())
     }
@@ -412,7 +426,7 @@ impl AgentClient {
         };
         self.call(
             "remove container",
-            self.agent.remove_container(self.ctx(), &req),
+            self.agent().remove_container(self.ctx(), &req),
         )
         .await
         .map(drop)
@@ -426,7 +440,7 @@ impl AgentClient {
         };
         self.call(
             "update container",
-            self.agent.update_container(self.ctx(), &req),
+            self.agent().update_container(self.ctx(), &req),
         )
         .await
         .map(drop)
@@ -437,17 +451,19 @@ impl AgentClient {
             container_id: id.into(),
             ..Default::default()
         };
-        self.call("stats", self.agent.stats_container(self.ctx(), &req))
-            .await
+        self.call_idempotent("stats", || async {
+            self.agent().stats_container(self.ctx(), &req).await
+        })
+        .await
     }
 
     pub async fn list_containers(&self) -> Result<Vec<ContainerInfo>> {
         Ok(self
-            .call(
-                "list containers",
-                self.agent
-                    .list_containers(self.ctx(), &ListContainersRequest::new()),
-            )
+            .call_idempotent("list containers", || async {
+                self.agent()
+                    .list_containers(self.ctx(), &ListContainersRequest::new())
+                    .await
+            })
             .await?
             .containers)
     }
@@ -472,7 +488,7 @@ impl AgentClient {
             ..Default::default()
         };
         Ok(self
-            .call("exec", self.agent.exec_process(self.ctx(), &req))
+            .call("exec", self.agent().exec_process(self.ctx(), &req))
             .await?
             .pid)
     }
@@ -500,7 +516,7 @@ impl AgentClient {
             ..Default::default()
         };
         let r = self
-            .call("read output", self.agent.read_stream(self.ctx(), &req))
+            .call("read output", self.agent().read_stream(self.ctx(), &req))
             .await?;
         Ok((r.data, r.eof))
     }
@@ -605,7 +621,7 @@ impl AgentClient {
                 data: chunk.to_vec(),
                 ..Default::default()
             };
-            self.call("write stdin", self.agent.write_stdin(self.ctx(), &req))
+            self.call("write stdin", self.agent().write_stdin(self.ctx(), &req))
                 .await?;
         }
         Ok(())
@@ -617,7 +633,7 @@ impl AgentClient {
             exec_id: exec_id.into(),
             ..Default::default()
         };
-        self.call("close stdin", self.agent.close_stdin(self.ctx(), &req))
+        self.call("close stdin", self.agent().close_stdin(self.ctx(), &req))
             .await
             .map(drop)
     }
@@ -630,81 +646,11 @@ impl AgentClient {
             cols,
             ..Default::default()
         };
-        self.call("resize tty", self.agent.resize_tty(self.ctx(), &req))
+        self.call("resize tty", self.agent().resize_tty(self.ctx(), &req))
             .await
             .map(drop)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::net::UnixListener;
-
-    async fn fake_vsock(
-        reply: &'static [u8],
-    ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<Vec<u8>>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vsock");
-        let l = UnixListener::bind(&path).unwrap();
-        let h = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = vec![0u8; 13];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(reply).await.unwrap();
-            buf
-        });
-        (dir, path, h)
-    }
-
-    #[tokio::test]
-    async fn handshake_ok_leaves_stream_untouched() {
-        let (_d, path, h) = fake_vsock(b"OK 1073741824\nTTRPC").await;
-        let mut s = connect_stream(&path, 1024).await.unwrap();
-        assert_eq!(h.await.unwrap(), b"CONNECT 1024\n");
-        let mut rest = [0u8; 5];
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"TTRPC");
-    }
-
-    #[tokio::test]
-    async fn handshake_refused_is_clear() {
-        let (_d, path, _h) = fake_vsock(b"").await;
-        let e = connect_stream(&path, 1024).await.unwrap_err().to_string();
-        assert!(e.contains("handshake") && e.contains("closed"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn handshake_garbage_rejected() {
-        let (_d, path, _h) = fake_vsock(b"NOPE\n").await;
-        let e = connect_stream(&path, 1024).await.unwrap_err().to_string();
-        assert!(e.contains("unexpected reply"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn retry_gives_up_with_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = AgentClient::connect_retry(
-            &dir.path().join("missing"),
-            1024,
-            Duration::from_millis(200),
-        )
-        .await
-        .err()
-        .unwrap();
-        assert!(matches!(e, AgentClientError::NotReady { .. }), "{e}");
-        assert!(e.to_string().contains("missing"), "{e}");
-    }
-
-    #[test]
-    fn wait_response_maps() {
-        let r = WaitProcessResponse {
-            exit_code: 137,
-            signal: 9,
-            oom_killed: true,
-            ..Default::default()
-        };
-        let e: ExitStatus = r.into();
-        assert!(e.oom_killed && e.signal == 9 && e.exit_code == 137);
-    }
-}
+mod tests;
