@@ -44,8 +44,59 @@ fn init_tracing(level: Option<&str>) {
         .try_init();
 }
 
+/// Parse the command line. Help and version go to stdout with exit 0; any
+/// other problem clap finds (unknown flag, out-of-range or malformed value,
+/// missing argument) is one line naming it on stderr and exit 1, the same
+/// as every other bad-input error (exit 2 is reserved for a crashed guest).
+fn parse_cli() -> Result<Cli, std::process::ExitCode> {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("vmpod: a subcommand is required (see --help)");
+            Err(std::process::ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("vmpod: {}", one_line(&e.render().to_string()));
+            Err(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
+/// clap's multi-line error as one line: the message and its details
+/// (e.g. the missing flags, a tip) up to the usage text, `error: ` dropped.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        parts.push(match line.strip_prefix("tip: ") {
+            Some(tip) => format!("({tip})"),
+            None => line.to_string(),
+        });
+    }
+    if parts.is_empty() {
+        "invalid command line (see vmpod --help)".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let result = match cli.command {
         Command::Serve(args) => serve::run(args, cli.log_level.as_deref()),
         Command::Vm(args) => {
@@ -67,5 +118,27 @@ fn main() -> std::process::ExitCode {
             eprintln!("vmpod: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).err().expect("parse error");
+        one_line(&e.render().to_string())
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let e = parse_err(&["vmpod", "vm", "run", "--kernel", "k", "--vcpus", "300"]);
+        assert!(e.contains("--vcpus") && e.contains("300"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = parse_err(&["vmpod", "vm", "run", "--kernel", "k", "--console-log", "c"]);
+        assert!(e.contains("--vsock-uds"), "{e}");
+        assert!(!e.starts_with("error"), "{e}");
+        let e = parse_err(&["vmpod", "vm", "run", "--frobnicate"]);
+        assert!(e.contains("--frobnicate"), "{e}");
     }
 }

@@ -64,9 +64,11 @@ struct RunArgs {
     /// Kernel command line (kept as given; the backend appends what it needs).
     #[arg(long, default_value = "")]
     cmdline: String,
-    #[arg(long, default_value_t = 1)]
+    /// Negative numbers are parsed (and refused as values) rather than
+    /// taken for unknown flags, so the error names the flag.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     vcpus: u8,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     memory_mib: u32,
     /// Hybrid-vsock unix socket to create (guest connections to port P go to PATH_P).
     #[arg(long, required_unless_present = "config")]
@@ -84,7 +86,7 @@ struct RunArgs {
     #[arg(long)]
     share: Vec<String>,
     /// Guest vsock CID.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     cid: u32,
     /// Built-in VMM's vsock data path: userspace (default) or vhost
     /// (/dev/vhost-vsock; host-initiated connections only).
