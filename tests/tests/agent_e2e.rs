@@ -255,15 +255,15 @@ fn bad_specs_are_clear_errors_and_agent_keeps_serving() {
 fn isolation_settings_applied() {
     let f = fixture();
     f.rt.block_on(async {
+        // Identity and process settings, as a non-root user. /tmp is a
+        // tmpfs the user can write (touch), so the failing mkdir can only
+        // be seccomp's doing.
         let script = "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; id; pwd; ulimit -n; \
-             echo masked=$(wc -c < /etc/hostname) $(ls /home | wc -l); echo 1 > /proc/sys/kernel/domainname && echo sysctl-writable; \
-             touch /rootfs-write && echo rootfs-writable; mkdir /tmp/d && echo mkdir-ok; true";
+             touch /tmp/f && echo touch-ok; echo \"mkdir: $(mkdir /tmp/d 2>&1 && echo ok)\"; true";
         let mut s = spec(&["sh", "-c", script]);
-        s["root"]["readonly"] = json!(true);
         s["mounts"] = json!([{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]}]);
         s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [100]});
         s["process"]["cwd"] = json!("/tmp");
-        s["linux"]["maskedPaths"] = json!(["/etc/hostname", "/home", "/proc/kcore"]);
         s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 200, "soft": 100}]);
         s["linux"]["seccomp"] = json!({
             "defaultAction": "SCMP_ACT_ALLOW",
@@ -280,12 +280,78 @@ fn isolation_settings_applied() {
         assert!(has("uid=1000(user) gid=1000(user) groups=100(users)"), "{out}");
         assert!(has("/tmp"), "cwd: {out}");
         assert!(has("100"), "RLIMIT_NOFILE soft: {out}");
-        assert!(has("masked=0 0"), "masked file and dir read empty: {out}");
-        assert!(!out.contains("sysctl-writable"), "{out}");
-        assert!(!out.contains("rootfs-writable"), "{out}");
-        assert!(err.contains("Read-only file system"), "{err}");
-        assert!(!out.contains("mkdir-ok"), "seccomp must deny mkdir: {out}");
-        assert!(err.contains("Operation not permitted"), "{err}");
+        assert!(has("touch-ok"), "/tmp is writable for the user: {out}");
+        assert!(
+            has("mkdir: mkdir: can't create directory '/tmp/d': Operation not permitted"),
+            "seccomp must deny mkdir: {out}"
+        );
+    });
+}
+
+/// Read-only rootfs, read-only paths and masked paths, each checked on
+/// its own by root with CAP_DAC_OVERRIDE (so permissions cannot be why a
+/// write fails), against a control container that runs the same script
+/// without those settings.
+#[test]
+fn readonly_and_masked_paths_applied() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let script = "echo \"rootfs: $(touch /iso-probe 2>&1 && echo writable)\"; \
+             echo \"sysctl: $( (echo iso > /proc/sys/kernel/domainname) 2>&1 && echo writable)\"; \
+             echo \"masked-file: $(wc -c < /etc/hostname)\"; \
+             echo \"masked-dir: $(ls /opt/bin | wc -l)\"; rm -f /iso-probe; true";
+        let base = || {
+            let mut s = spec(&["sh", "-c", script]);
+            for set in ["bounding", "effective", "permitted"] {
+                s["process"]["capabilities"][set]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!("CAP_DAC_OVERRIDE"));
+            }
+            // A directory with content (the rootfs's /bin, bound in), to mask.
+            s["mounts"] = json!([{"destination": "/opt/bin", "type": "bind",
+                "source": format!("{ROOTFS}/bin"), "options": ["rbind", "ro"]}]);
+            s["linux"]["maskedPaths"] = json!([]);
+            s["linux"]["readonlyPaths"] = json!([]);
+            s
+        };
+        let line = |out: &str, key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {key:?} line in {out:?}"))
+        };
+
+        let (out, err, st) = run(f.client, "iso-control", &base()).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(line(&out, "rootfs"), "writable", "{out}");
+        assert_eq!(line(&out, "sysctl"), "writable", "{out}");
+        assert_eq!(
+            line(&out, "masked-file"),
+            "8",
+            "/etc/hostname is busybox\\n: {out}"
+        );
+        let bins: u32 = line(&out, "masked-dir").parse().unwrap();
+        assert!(bins > 10, "{out}");
+
+        let mut s = base();
+        s["root"]["readonly"] = json!(true);
+        s["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+        s["linux"]["maskedPaths"] = json!(["/etc/hostname", "/opt/bin", "/proc/kcore"]);
+        let (out, err, st) = run(f.client, "iso-fs", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(
+            line(&out, "rootfs"),
+            "touch: /iso-probe: Read-only file system",
+            "{out}"
+        );
+        assert_eq!(
+            line(&out, "sysctl"),
+            "sh: can't create /proc/sys/kernel/domainname: Read-only file system",
+            "{out}"
+        );
+        assert_eq!(line(&out, "masked-file"), "0", "{out}");
+        assert_eq!(line(&out, "masked-dir"), "0", "{out}");
     });
 }
 
