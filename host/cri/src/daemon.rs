@@ -91,7 +91,7 @@ impl Daemon {
         let images_root = state.join("images");
         let containers_dir = state.join("containers");
         for d in [&images_root, &containers_dir] {
-            std::fs::create_dir_all(d).map_err(io("creating", d))?;
+            private_dir(d)?;
         }
         let registries = opts.config.registry_config();
         let root = images_root.clone();
@@ -193,6 +193,20 @@ fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
         .unwrap_or("?")
         .to_string();
     tracing::info_span!("rpc", %rpc, id)
+}
+
+/// Create `dir` (or take an existing one) with mode 0700: unpacked images
+/// and container filesystems hold setuid binaries and secrets that no
+/// other local user may reach (containerd keeps its snapshotter dir 0700
+/// for the same reason). An existing directory is chmodded too.
+fn private_dir(dir: &Path) -> Result<(), DaemonError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating", dir)(e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("chmod 0700", dir))
 }
 
 fn lock_state_dir(state: &Path) -> Result<Flock<File>, DaemonError> {
@@ -303,6 +317,61 @@ mod tests {
             Err(DaemonError::NotASocket(_))
         ));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    }
+
+    #[test]
+    fn image_and_container_dirs_are_private_even_if_they_existed() {
+        let d = tempfile::tempdir().unwrap();
+        let old = d.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let new = d.path().join("new");
+        for dir in [&old, &new] {
+            private_dir(dir).unwrap();
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn daemon_start_makes_the_store_dirs_private() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        // As an older vmpod left it: everything 0755.
+        for sub in [
+            "",
+            "images",
+            "images/blobs",
+            "images/blobs/sha256",
+            "images/layers",
+        ] {
+            let p = state.join(sub);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let daemon = Daemon::start(Options {
+            socket: d.path().join("s.sock"),
+            state_dir: state.clone(),
+            config: Config::default(),
+        })
+        .await
+        .unwrap();
+        for sub in [
+            "images",
+            "images/blobs",
+            "images/blobs/sha256",
+            "images/layers",
+            "images/tmp",
+            "containers",
+        ] {
+            let mode = std::fs::metadata(state.join(sub))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777;
+            assert_eq!(mode, 0o700, "{sub}");
+        }
+        drop(daemon);
     }
 
     #[test]

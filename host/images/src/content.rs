@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{ImageError, Result, StoreContext};
 use crate::reference::validate_digest;
+use crate::store::private_dir;
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -26,11 +27,12 @@ impl ContentStore {
     pub fn open(root: &Path) -> Result<Self> {
         let blobs = root.join("blobs").join("sha256");
         let tmp = root.join("tmp");
-        fs::create_dir_all(&blobs).ctx(|| format!("create {}", blobs.display()))?;
+        private_dir(&root.join("blobs"))?;
+        private_dir(&blobs)?;
         if tmp.exists() {
             fs::remove_dir_all(&tmp).ctx(|| format!("clean {}", tmp.display()))?;
         }
-        fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        private_dir(&tmp)?;
         Ok(ContentStore { blobs, tmp })
     }
 

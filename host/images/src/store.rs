@@ -72,12 +72,39 @@ impl Drop for Protection {
     }
 }
 
+/// Create `dir` (its parent must exist) or take an existing one, and make
+/// it mode 0700 owned by us. The store holds unpacked image trees whose
+/// setuid binaries and secrets no other local user may reach: like
+/// containerd's snapshotter dir, only root gets in.
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ImageError::store(format!("create {}", dir.display()), e)),
+    }
+    let m = fs::symlink_metadata(dir).ctx(|| format!("stat {}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(ImageError::store(
+            format!("open {}", dir.display()),
+            "exists and is not a directory",
+        ));
+    }
+    // Also for a directory an older version created 0755 (and against
+    // the umask on creation).
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .ctx(|| format!("chmod 0700 {}", dir.display()))
+}
+
 impl Inner {
     pub fn open(root: &Path, registries: RegistryConfig) -> Result<Arc<Inner>> {
-        fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
+        }
+        private_dir(root)?;
         let content = ContentStore::open(root)?;
         let layers = root.join("layers");
-        fs::create_dir_all(&layers).ctx(|| format!("create {}", layers.display()))?;
+        private_dir(&layers)?;
         // Leftovers of an interrupted unpack or GC.
         for e in fs::read_dir(&layers).ctx(|| format!("list {}", layers.display()))? {
             let e = e.ctx(|| "list layers".into())?;
@@ -243,7 +270,8 @@ impl Inner {
                     continue;
                 }
                 if moved == 0 {
-                    fs::create_dir_all(&trash).ctx(|| format!("create {}", trash.display()))?;
+                    private_dir(&self.root.join("trash"))?;
+                    private_dir(&trash)?;
                 }
                 let dst = trash.join(format!("{moved}"));
                 match fs::rename(&path, &dst) {
@@ -268,5 +296,40 @@ impl Inner {
             info!(items = moved, "image store garbage collected");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn store_dirs_are_0700_new_or_existing() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("fresh");
+        let old = d.path().join("old");
+        // An existing store as an older version left it: 0755 everywhere.
+        for sub in ["", "blobs", "blobs/sha256", "layers", "trash"] {
+            let p = old.join(sub);
+            fs::create_dir_all(&p).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for root in [&fresh, &old] {
+            let inner = Inner::open(root, RegistryConfig::default()).unwrap();
+            for sub in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+                assert_eq!(mode(&root.join(sub)), 0o700, "{}/{sub}", root.display());
+            }
+            // GC's trash dir too, while it exists.
+            let blob = crate::content::sha256_digest(b"garbage");
+            inner.content.write_bytes("t", &blob, b"garbage").unwrap();
+            inner.gc().unwrap();
+            assert!(!inner.content.exists(&blob));
+            assert_eq!(mode(&root.join("trash")), 0o700);
+        }
     }
 }
