@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use vmpod_runtime::hypervisor::cmdline::compose;
+
 use crate::arch::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_SIZE};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +26,10 @@ pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Appended unless the user set the same key: console on the UART (the
-/// console log and crash reasons depend on it), reset through the i8042,
-/// and reboot (which ends the VM) on panic.
-pub const DEFAULTS: &[&str] = &["console=ttyS0", "reboot=k", "panic=-1"];
+/// Added unless the user set the same key: reset through the i8042, and
+/// reboot (which ends the VM) on panic. `console=ttyS0` always goes first
+/// (see [`vmpod_runtime::hypervisor::cmdline::compose`]).
+pub const DEFAULTS: &[&str] = &["reboot=k", "panic=-1"];
 
 /// One `virtio_mmio.device=` argument.
 pub fn virtio_mmio_arg(addr: u64, irq: u32) -> String {
@@ -39,51 +41,23 @@ pub fn virtio_mmio_arg(addr: u64, irq: u32) -> String {
     )
 }
 
-/// The final command line: `user` unchanged, then [`DEFAULTS`] whose key
-/// the user did not set, device locations, and the PVM masks when `pvm`.
-/// Arguments after `--` would go to init, so ours are inserted before a
-/// user `--`.
+/// The final command line ([`compose`]): `console=ttyS0` first, `user`
+/// unchanged, [`DEFAULTS`] whose key the user did not set, the device
+/// locations, and the PVM masks when `pvm`; a user `--` (init's arguments)
+/// stays last.
 pub fn assemble(user: &str, devices: &[(u64, u32)], pvm: bool) -> Result<String, Error> {
     if user.contains('\0') {
         return Err(Error::Nul);
     }
-    let user = user.trim();
-    let (kernel_part, init_part) = match user.find(" -- ") {
-        Some(i) => (&user[..i], Some(&user[i + 4..])),
-        None if user == "--" => ("", Some("")),
-        None => match user.strip_suffix(" --") {
-            Some(k) => (k, Some("")),
-            None => (user, None),
-        },
-    };
-    let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
-    let present: Vec<String> = kernel_part.split_whitespace().map(key).collect();
-    let mut ours: Vec<String> = DEFAULTS
+    let mut always: Vec<String> = devices
         .iter()
-        .filter(|d| !present.contains(&key(d)))
-        .map(|d| d.to_string())
+        .map(|&(addr, irq)| virtio_mmio_arg(addr, irq))
         .collect();
-    ours.extend(
-        devices
-            .iter()
-            .map(|&(addr, irq)| virtio_mmio_arg(addr, irq)),
-    );
     if pvm {
-        ours.push(PVM_MASKS.to_string());
+        always.push(PVM_MASKS.to_string());
     }
-    let mut parts: Vec<&str> = Vec::new();
-    if !kernel_part.is_empty() {
-        parts.push(kernel_part);
-    }
-    parts.extend(ours.iter().map(String::as_str));
-    let mut line = parts.join(" ");
-    if let Some(init) = init_part {
-        line.push_str(" --");
-        if !init.is_empty() {
-            line.push(' ');
-            line.push_str(init);
-        }
-    }
+    let always: Vec<&str> = always.iter().map(String::as_str).collect();
+    let line = compose(user, DEFAULTS, &always);
     if line.len() >= CMDLINE_MAX_SIZE {
         return Err(Error::TooLong {
             len: line.len(),
@@ -107,9 +81,9 @@ mod tests {
         .unwrap();
         assert_eq!(
             l,
-            "console=hvc0 reboot=t panic=-1 virtio_mmio.device=4K@0xd0000000:5 \
+            "console=ttyS0 console=hvc0 reboot=t panic=-1 virtio_mmio.device=4K@0xd0000000:5 \
              virtio_mmio.device=4K@0xd0001000:6",
-            "user keys win over our defaults"
+            "user keys win over our defaults; ttyS0 first, the user's console last"
         );
     }
 
@@ -129,14 +103,17 @@ mod tests {
     #[test]
     fn init_arguments_stay_last() {
         let l = assemble("console=ttyS0 -- foo bar", &[(0xd000_0000, 5)], true).unwrap();
-        assert!(l.starts_with(
-            "console=ttyS0 reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5 noxsave"
-        ));
+        assert!(
+            l.starts_with(
+                "console=ttyS0 reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5 noxsave"
+            ),
+            "{l}"
+        );
         assert!(l.ends_with("no_int3_selftest no_fwait tsc=reliable -- foo bar"));
         let l = assemble("a --", &[(0xd000_0000, 5)], false).unwrap();
         assert_eq!(
             l,
-            "a console=ttyS0 reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5 --"
+            "console=ttyS0 a reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5 --"
         );
     }
 

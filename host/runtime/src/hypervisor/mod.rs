@@ -26,6 +26,7 @@
 //! Dropping a handle kills the VM and every helper and removes the sockets.
 
 pub mod builtin;
+pub mod cmdline;
 pub mod console;
 pub mod handle;
 pub mod host;
@@ -50,9 +51,9 @@ pub struct VmConfig {
     /// Uncompressed `vmlinux` ELF.
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// Kernel command line as given by the user; backends may append what the
-    /// host needs (e.g. PVM feature masks, `console=ttyS0`) but never drop or
-    /// change any of it.
+    /// Kernel command line as given by the user; backends add what the host
+    /// needs ([`cmdline::compose`]: `console=ttyS0` first, PVM feature masks
+    /// and defaults after) but never drop or change any of it.
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_mib: u32,
@@ -233,63 +234,9 @@ pub trait VmHandle: Send + Sync {
     async fn wait(&self) -> Result<ExitReason>;
 }
 
-/// Append `extra` arguments to a user's kernel command line, keeping the
-/// user's words as given: an argument whose key (text before `=`) the user
-/// already set is not added, and ours go before a user `--` (which starts
-/// init's arguments).
-pub fn append_cmdline(user: &str, extra: &[&str]) -> String {
-    let user = user.trim();
-    let (kernel_part, init_part) = match user.find(" -- ") {
-        Some(i) => (&user[..i], Some(&user[i + 4..])),
-        None if user == "--" => ("", Some("")),
-        None => match user.strip_suffix(" --") {
-            Some(k) => (k, Some("")),
-            None => (user, None),
-        },
-    };
-    let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_string();
-    let present: Vec<String> = kernel_part.split_whitespace().map(key).collect();
-    let mut words: Vec<&str> = Vec::new();
-    if !kernel_part.is_empty() {
-        words.push(kernel_part);
-    }
-    for arg in extra.iter().flat_map(|e| e.split_whitespace()) {
-        if !present.contains(&key(arg)) {
-            words.push(arg);
-        }
-    }
-    let mut line = words.join(" ");
-    if let Some(init) = init_part {
-        line.push_str(" --");
-        if !init.is_empty() {
-            line.push(' ');
-            line.push_str(init);
-        }
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn append_keeps_user_words_and_skips_keys_already_set() {
-        assert_eq!(
-            append_cmdline("console=hvc0 quiet", &["console=ttyS0", "panic=-1"]),
-            "console=hvc0 quiet panic=-1"
-        );
-        assert_eq!(append_cmdline("", &["a=1 b"]), "a=1 b");
-    }
-
-    #[test]
-    fn append_goes_before_init_arguments() {
-        assert_eq!(
-            append_cmdline("quiet -- --debug panic=3", &["panic=-1"]),
-            "quiet panic=-1 -- --debug panic=3"
-        );
-        assert_eq!(append_cmdline("quiet --", &["x"]), "quiet x --");
-    }
 
     #[test]
     fn exit_reason_cleanliness() {

@@ -53,6 +53,9 @@ impl VmConfig {
                 "kernel command line contains a NUL or newline".into(),
             ));
         }
+        if let Some(why) = super::cmdline::hides_console_events(&self.cmdline) {
+            return Err(invalid(why));
+        }
         if self.vcpus == 0 || usize::from(self.vcpus) > max_vcpus {
             return Err(invalid(format!(
                 "vcpus must be between 1 and {max_vcpus} (host CPUs), got {}",
@@ -361,6 +364,8 @@ mod tests {
         c.initrd = None;
         c.cmdline = "x".repeat(3000);
         assert!(err(&c).contains("command line"));
+        c.cmdline = "quiet loglevel=0".into();
+        assert!(err(&c).contains("loglevel=0"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::super::{append_cmdline, host::PVM_GUEST_CMDLINE, VmConfig};
+use super::super::{cmdline, host::PVM_GUEST_CMDLINE, VmConfig};
 
 /// The accelerator actually used (after `auto` was resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,21 +20,22 @@ pub(crate) struct RunFiles {
     pub fs: Vec<PathBuf>,
 }
 
-/// What the QEMU backend appends to the user's command line: a console on
-/// the serial port (the log and crash reasons depend on it), exit on panic,
-/// reboot by triple fault (QEMU then exits: `-no-reboot`); with TCG
-/// `no_timer_check` (on a loaded host the emulated IO-APIC timer check can
-/// miss its window and panic the guest: "IO-APIC + timer doesn't work!");
-/// on PVM hosts under KVM the CPU feature masks. Keys the user set are left
-/// alone.
+/// The QEMU backend's guest command line ([`cmdline::compose`]):
+/// `console=ttyS0` first (the log and crash reasons depend on it), the
+/// user's words, then unless the user set the key: exit on panic, reboot by
+/// triple fault (QEMU then exits: `-no-reboot`), with TCG `no_timer_check`
+/// (on a loaded host the emulated IO-APIC timer check can miss its window
+/// and panic the guest: "IO-APIC + timer doesn't work!"); on PVM hosts
+/// under KVM the CPU feature masks, always.
 pub fn guest_cmdline(user: &str, accel: EffectiveAccel) -> String {
-    let mut extra = vec!["console=ttyS0", "reboot=t", "panic=-1"];
+    let mut defaults = vec!["reboot=t", "panic=-1"];
+    let mut always = vec![];
     match accel {
-        EffectiveAccel::Tcg => extra.push("no_timer_check"),
-        EffectiveAccel::Kvm { pvm: true } => extra.push(PVM_GUEST_CMDLINE),
+        EffectiveAccel::Tcg => defaults.push("no_timer_check"),
+        EffectiveAccel::Kvm { pvm: true } => always.push(PVM_GUEST_CMDLINE),
         EffectiveAccel::Kvm { pvm: false } => {}
     }
-    append_cmdline(user, &extra)
+    cmdline::compose(user, &defaults, &always)
 }
 
 /// QEMU option values separate fields with commas; a literal comma is `,,`.
@@ -189,7 +190,7 @@ mod tests {
         );
         assert_eq!(
             after(&args, "-append"),
-            ["quiet panic=5 console=ttyS0 reboot=t no_timer_check"]
+            ["console=ttyS0 quiet panic=5 reboot=t no_timer_check"]
         );
         let devices = after(&args, "-device");
         assert!(devices.contains(&"vhost-user-vsock-device,chardev=vsock"));
@@ -209,7 +210,7 @@ mod tests {
     #[test]
     fn kvm_on_pvm_appends_masks() {
         let line = guest_cmdline("root=/dev/missing", EffectiveAccel::Kvm { pvm: true });
-        assert!(line.starts_with("root=/dev/missing console=ttyS0"));
+        assert!(line.starts_with("console=ttyS0 root=/dev/missing reboot=t panic=-1 noxsave"));
         assert!(line.contains("no_int3_selftest"));
         assert!(line.contains("clearcpuid="));
         let plain = guest_cmdline("", EffectiveAccel::Kvm { pvm: false });
