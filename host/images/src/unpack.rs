@@ -12,20 +12,36 @@
 //!   symlink (a parent component that is a symlink is refused), so an entry
 //!   cannot land outside the layer directory. Hard-link targets get the same
 //!   checks.
+//! * Every entry keeps its type, owner (when we are root), mode and mtime:
+//!   character and block devices and FIFOs become real device nodes and
+//!   FIFOs (`mknod`), directories get their mtime after the whole layer is
+//!   written (creating entries in them would change it), and `SCHILY.xattr.*`
+//!   extended attributes are set on files, directories, symlinks and nodes
+//!   alike (`lsetxattr`, never through a symlink). `trusted.overlay.*`
+//!   attributes from the image are dropped: only we decide what overlayfs
+//!   sees (opaque directories come from `.wh..wh..opq`).
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::sys::stat::{self, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use sha2::{Digest as _, Sha256};
 use tar::EntryType;
+use tracing::{debug, warn};
 
 use crate::error::{ImageError, Result, StoreContext};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const PAX_XATTR: &[u8] = b"SCHILY.xattr.";
+const OVERLAY_XATTRS: &[u8] = b"trusted.overlay.";
 
 /// What an unpack produced.
 #[derive(Debug, Clone)]
@@ -166,18 +182,25 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked> {
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut entries = 0u64;
+    let mut dir_times = Vec::new();
     {
         let mut archive = tar::Archive::new(&mut hr);
         archive.set_preserve_permissions(true);
         archive.set_preserve_mtime(true);
-        archive.set_unpack_xattrs(true);
+        // Ours, for every entry type (the tar crate only does regular files).
+        archive.set_unpack_xattrs(false);
         archive.set_preserve_ownerships(is_root);
         archive.set_overwrite(true);
         for entry in archive.entries().ctx(op)? {
             let mut entry = entry.ctx(op)?;
-            apply_entry(&mut entry, dest).map_err(|e| ImageError::store(op(), e))?;
+            apply_entry(&mut entry, dest, is_root, &mut dir_times)
+                .map_err(|e| ImageError::store(op(), e))?;
             entries += 1;
         }
+    }
+    // Directory mtimes last: every entry written into a directory changed it.
+    for (dir, mtime) in dir_times {
+        set_mtime(&dir, mtime).map_err(|e| ImageError::store(op(), e))?;
     }
     // Hash any trailing padding after the end-of-archive blocks as well.
     io::copy(&mut hr, &mut io::sink()).ctx(op)?;
@@ -188,7 +211,20 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked> {
     })
 }
 
-fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, root: &Path) -> std::result::Result<(), String> {
+fn apply_entry<R: Read>(
+    entry: &mut tar::Entry<R>,
+    root: &Path,
+    is_root: bool,
+    dir_times: &mut Vec<(PathBuf, i64)>,
+) -> std::result::Result<(), String> {
+    let kind = entry.header().entry_type();
+    if kind.is_pax_global_extensions()
+        || kind.is_pax_local_extensions()
+        || kind.is_gnu_longname()
+        || kind.is_gnu_longlink()
+    {
+        return Ok(()); // metadata for other entries, nothing to create
+    }
     let raw = entry
         .path()
         .map_err(|e| format!("bad entry path: {e}"))?
@@ -226,7 +262,6 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, root: &Path) -> std::result::
         return Ok(());
     }
 
-    let kind = entry.header().entry_type();
     clear_path(&target, kind == EntryType::Directory)
         .map_err(|e| format!("replace {}: {e}", target.display()))?;
     if kind == EntryType::Link {
@@ -246,9 +281,125 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, root: &Path) -> std::result::
         fs::hard_link(&src, &target).map_err(|e| format!("hard link {}: {e}", target.display()))?;
         return Ok(());
     }
-    entry
-        .unpack(&target)
-        .map_err(|e| format!("unpack {}: {e}", raw.display()))?;
+    match kind {
+        EntryType::Char | EntryType::Block | EntryType::Fifo => {
+            if !make_node(entry.header(), &target, is_root)? {
+                return Ok(());
+            }
+        }
+        _ => {
+            entry
+                .unpack(&target)
+                .map_err(|e| format!("unpack {}: {e}", raw.display()))?;
+        }
+    }
+    apply_xattrs(entry, &target)?;
+    if kind == EntryType::Directory {
+        let mtime = entry
+            .header()
+            .mtime()
+            .map_err(|e| format!("mtime of {}: {e}", raw.display()))?;
+        dir_times.push((target, i64::try_from(mtime).unwrap_or(i64::MAX)));
+    }
+    Ok(())
+}
+
+/// A character or block device or a FIFO, with the entry's owner (when we
+/// are root), mode and mtime. `Ok(false)` when skipped: device nodes need
+/// CAP_MKNOD, so an unprivileged unpack (tests run that way elsewhere)
+/// leaves them out, as containerd does in a user namespace.
+fn make_node(h: &tar::Header, target: &Path, is_root: bool) -> std::result::Result<bool, String> {
+    let what = |e: &dyn std::fmt::Display| format!("create node {}: {e}", target.display());
+    let kind = match h.entry_type() {
+        EntryType::Char => SFlag::S_IFCHR,
+        EntryType::Block => SFlag::S_IFBLK,
+        _ => SFlag::S_IFIFO,
+    };
+    let dev = if kind == SFlag::S_IFIFO {
+        0
+    } else {
+        let major = h.device_major().map_err(|e| what(&e))?.unwrap_or(0);
+        let minor = h.device_minor().map_err(|e| what(&e))?.unwrap_or(0);
+        stat::makedev(u64::from(major), u64::from(minor))
+    };
+    let mode = h.mode().map_err(|e| what(&e))? & 0o7777;
+    match stat::mknod(target, kind, Mode::empty(), dev) {
+        Ok(()) => {}
+        Err(Errno::EPERM) if !is_root && kind != SFlag::S_IFIFO => {
+            debug!(path = %target.display(), "device node skipped: not root");
+            return Ok(false);
+        }
+        Err(e) => return Err(what(&e)),
+    }
+    if is_root {
+        let uid = h.uid().map_err(|e| what(&e))?;
+        let gid = h.gid().map_err(|e| what(&e))?;
+        let id = |v: u64| u32::try_from(v).map_err(|_| what(&format!("id {v} too large")));
+        nix::unistd::fchownat(
+            None,
+            target,
+            Some(nix::unistd::Uid::from_raw(id(uid)?)),
+            Some(nix::unistd::Gid::from_raw(id(gid)?)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| what(&e))?;
+    }
+    // After the chown (which clears set-id bits), like the tar crate does.
+    fs::set_permissions(target, fs::Permissions::from_mode(mode)).map_err(|e| what(&e))?;
+    let mtime = h.mtime().map_err(|e| what(&e))?;
+    set_mtime(target, i64::try_from(mtime).unwrap_or(i64::MAX))?;
+    Ok(true)
+}
+
+/// atime = mtime = `secs`, on the entry itself (never through a symlink).
+/// A path gone or replaced since (a later entry removed it) is fine.
+fn set_mtime(path: &Path, secs: i64) -> std::result::Result<(), String> {
+    let t = TimeSpec::new(secs, 0);
+    match stat::utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink) {
+        Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(()),
+        Err(e) => Err(format!("set mtime of {}: {e}", path.display())),
+    }
+}
+
+/// The entry's `SCHILY.xattr.*` PAX records, set with `lsetxattr`.
+/// `trusted.overlay.*` is dropped (it would steer overlayfs). A file system
+/// without xattr support, or one refusing a namespace on this file type
+/// (`user.*` on a symlink), gets a warning, as containerd does.
+fn apply_xattrs<R: Read>(
+    entry: &mut tar::Entry<R>,
+    target: &Path,
+) -> std::result::Result<(), String> {
+    let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| format!("PAX header of {}: {e}", target.display()))?
+    else {
+        return Ok(());
+    };
+    for ext in exts {
+        let ext = ext.map_err(|e| format!("PAX record of {}: {e}", target.display()))?;
+        let Some(name) = ext.key_bytes().strip_prefix(PAX_XATTR) else {
+            continue;
+        };
+        if name.starts_with(OVERLAY_XATTRS) {
+            debug!(path = %target.display(), "dropped an image's trusted.overlay xattr");
+            continue;
+        }
+        let name = OsStr::from_bytes(name);
+        match xattr::set(target, name, ext.value_bytes()) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error().map(Errno::from_raw),
+                    Some(Errno::ENOTSUP | Errno::EPERM)
+                ) =>
+            {
+                warn!(path = %target.display(), xattr = ?name, error = %e, "xattr not set");
+            }
+            Err(e) => {
+                return Err(format!("set xattr {name:?} on {}: {e}", target.display()));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -285,153 +436,4 @@ pub fn tree_usage(root: &Path) -> io::Result<(u64, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileTypeExt;
-
-    #[test]
-    fn sanitize() {
-        let s = |p: &str| sanitize_path(Path::new(p));
-        assert_eq!(s("etc/passwd").unwrap(), Some(PathBuf::from("etc/passwd")));
-        assert_eq!(s("/etc/passwd").unwrap(), Some(PathBuf::from("etc/passwd")));
-        assert_eq!(s("./a/./b/").unwrap(), Some(PathBuf::from("a/b")));
-        assert_eq!(s("./").unwrap(), None);
-        assert_eq!(s("/").unwrap(), None);
-        assert!(s("../etc/passwd").is_err());
-        assert!(s("a/../../b").is_err());
-        assert!(s("/a/..").is_err());
-    }
-
-    /// Build a tar in memory; `(path, kind, data_or_link)`.
-    fn tar_of(entries: &[(&str, EntryType, &str)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, kind, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
-            h.set_mode(if *kind == EntryType::Directory {
-                0o755
-            } else {
-                0o644
-            });
-            h.set_mtime(1);
-            h.set_uid(0);
-            h.set_gid(0);
-            // Write the name raw so that `..` and absolute paths survive.
-            let name = path.as_bytes();
-            h.as_old_mut().name[..name.len()].copy_from_slice(name);
-            match kind {
-                EntryType::Symlink | EntryType::Link => {
-                    h.set_size(0);
-                    let l = data.as_bytes();
-                    h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
-                    h.set_cksum();
-                    b.append(&h, io::empty()).unwrap();
-                }
-                _ => {
-                    h.set_size(data.len() as u64);
-                    h.set_cksum();
-                    b.append(&h, data.as_bytes()).unwrap();
-                }
-            }
-        }
-        b.into_inner().unwrap()
-    }
-
-    fn unpack_bytes(tar: &[u8]) -> (tempfile::TempDir, Result<Unpacked>) {
-        let dir = tempfile::tempdir().unwrap();
-        let blob = dir.path().join("blob");
-        fs::write(&blob, tar).unwrap();
-        let dest = dir.path().join("layer");
-        let r = unpack_layer(&blob, &dest);
-        (dir, r)
-    }
-
-    #[test]
-    fn plain_and_compressed_give_same_diff_id() {
-        let tar = tar_of(&[
-            ("bin/", EntryType::Directory, ""),
-            ("bin/hello", EntryType::Regular, "hi\n"),
-            ("bin/link", EntryType::Symlink, "/bin/hello"),
-            ("bin/hard", EntryType::Link, "bin/hello"),
-        ]);
-        let want = crate::content::sha256_digest(&tar);
-        let (d, r) = unpack_bytes(&tar);
-        let u = r.unwrap();
-        assert_eq!(u.diff_id, want);
-        assert_eq!(u.entries, 4);
-        let l = d.path().join("layer");
-        assert_eq!(fs::read_to_string(l.join("bin/hello")).unwrap(), "hi\n");
-        assert_eq!(
-            fs::read_link(l.join("bin/link")).unwrap(),
-            Path::new("/bin/hello")
-        );
-        assert_eq!(
-            fs::metadata(l.join("bin/hard")).unwrap().ino(),
-            fs::metadata(l.join("bin/hello")).unwrap().ino()
-        );
-
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        io::Write::write_all(&mut gz, &tar).unwrap();
-        let (_d, r) = unpack_bytes(&gz.finish().unwrap());
-        assert_eq!(r.unwrap().diff_id, want);
-        let zs = zstd::encode_all(&tar[..], 3).unwrap();
-        let (_d, r) = unpack_bytes(&zs);
-        assert_eq!(r.unwrap().diff_id, want);
-    }
-
-    #[test]
-    fn traversal_is_refused() {
-        for entries in [
-            vec![("../evil", EntryType::Regular, "x")],
-            vec![("a/../../evil", EntryType::Regular, "x")],
-            // Write through a symlink that points outside.
-            vec![
-                ("escape", EntryType::Symlink, "/tmp"),
-                ("escape/evil", EntryType::Regular, "x"),
-            ],
-            vec![
-                ("escape", EntryType::Symlink, "../../.."),
-                ("escape/evil", EntryType::Regular, "x"),
-            ],
-            vec![("hl", EntryType::Link, "../../etc/passwd")],
-        ] {
-            let (d, r) = unpack_bytes(&tar_of(&entries));
-            assert!(r.is_err(), "{entries:?} should be refused");
-            assert!(!d.path().join("evil").exists());
-        }
-        // Absolute paths land inside the layer.
-        let (d, r) = unpack_bytes(&tar_of(&[("/abs/file", EntryType::Regular, "x")]));
-        r.unwrap();
-        assert!(d.path().join("layer/abs/file").is_file());
-    }
-
-    #[test]
-    fn whiteouts_become_overlay_whiteouts() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: creating 0/0 char devices and trusted.* xattrs needs root");
-            return;
-        }
-        let tar = tar_of(&[
-            ("etc/", EntryType::Directory, ""),
-            ("etc/.wh.removed", EntryType::Regular, ""),
-            ("opaque/", EntryType::Directory, ""),
-            ("opaque/.wh..wh..opq", EntryType::Regular, ""),
-            ("opaque/new", EntryType::Regular, "n"),
-        ]);
-        let (d, r) = unpack_bytes(&tar);
-        r.unwrap();
-        let l = d.path().join("layer");
-        let m = fs::symlink_metadata(l.join("etc/removed")).unwrap();
-        assert!(m.file_type().is_char_device());
-        assert_eq!(m.rdev(), 0);
-        assert!(!l.join("etc/.wh.removed").exists());
-        assert_eq!(
-            xattr::get(l.join("opaque"), OPAQUE_XATTR)
-                .unwrap()
-                .as_deref(),
-            Some(&b"y"[..])
-        );
-        assert!(!l.join("opaque/.wh..wh..opq").exists());
-        assert!(l.join("opaque/new").is_file());
-    }
-}
+mod tests;
