@@ -9,6 +9,7 @@
 //! (the original host goes along only as the `?ns=` query parameter; no
 //! connection is made to it).
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine as _;
@@ -44,14 +45,33 @@ pub struct Endpoint {
     pub mirror: bool,
 }
 
-/// Is `host[:port]` a loopback name that always gets plain HTTP?
-fn is_loopback(host: &str) -> bool {
+/// Is `host[:port]` a loopback address or `localhost`, which always get
+/// plain HTTP? The host is parsed as an IP address (127.0.0.0/8, `[::1]`),
+/// so a name that merely starts with `127.` is not loopback.
+pub(crate) fn is_loopback(host: &str) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or(rest)
+        match rest.split_once(']') {
+            Some((ip, "")) => ip,
+            Some((ip, tail)) if tail.strip_prefix(':').is_some_and(is_port) => ip,
+            _ => return false,
+        }
+    } else if host.parse::<IpAddr>().is_ok() {
+        host // an IPv6 address without brackets or port
     } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+        match host.rsplit_once(':') {
+            Some((h, port)) if is_port(port) => h,
+            Some(_) => return false,
+            None => host,
+        }
     };
-    name == "localhost" || name == "::1" || name.starts_with("127.")
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+fn is_port(s: &str) -> bool {
+    s.parse::<u16>().is_ok()
 }
 
 /// The endpoints to try for `registry`, in order.
@@ -444,6 +464,42 @@ mod tests {
         assert!(!endpoints(&c, "quay.io").unwrap()[0].plain_http);
         assert!(endpoints(&cfg(&[("x.io", "ftp://a", false)]), "x.io").is_err());
         assert!(endpoints(&cfg(&[("x.io", "http://a/path", false)]), "x.io").is_err());
+    }
+
+    #[test]
+    fn loopback_is_parsed_not_prefix_matched() {
+        for h in [
+            "127.0.0.1",
+            "127.0.0.1:5000",
+            "127.1.2.3:443",
+            "localhost",
+            "localhost:5000",
+            "LocalHost:1",
+            "[::1]",
+            "[::1]:5000",
+            "::1",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert!(is_loopback(h), "{h} is loopback");
+        }
+        for h in [
+            "127.corp.example",
+            "127.corp.example:5000",
+            "127.0.0.1.nip.io",
+            "localhost.evil.example",
+            "mylocalhost:5000",
+            "10.0.0.1:5000",
+            "[::2]:5000",
+            "[::1]x",
+            "[::1]5000",
+            "127.0.0.1:notaport",
+            "",
+        ] {
+            assert!(!is_loopback(h), "{h} is not loopback");
+        }
+        let c = RegistryConfig::default();
+        assert!(!endpoints(&c, "127.corp.example:5000").unwrap()[0].plain_http);
+        assert!(endpoints(&c, "[::1]:5000").unwrap()[0].plain_http);
     }
 
     #[test]
