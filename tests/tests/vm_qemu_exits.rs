@@ -1,9 +1,10 @@
 //! How a QEMU/TCG microVM ends when the obvious signals are missing: the
 //! user's command line moves `/dev/console` off the serial port, or a
-//! helper process dies under a running VM. (vm_qemu.rs covers the ordinary
+//! helper process (vsock back-end, virtiofsd) dies under a running VM. (vm_qemu.rs covers the ordinary
 //! power-off, panic, reboot and SIGTERM paths.)
 //!
-//! Needs: build/guest/vmlinux, qemu-system-x86_64, busybox-static, cpio.
+//! Needs: build/guest/vmlinux, qemu-system-x86_64, busybox-static, cpio;
+//! build/tools/bin/virtiofsd (make tools) for the virtiofsd case.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use vmpod_runtime::hypervisor::ExitReason;
 use vmpod_tests::build_dir;
 use vmpod_tests::initramfs::Initramfs;
-use vmpod_tests::process::ChildGuard;
+use vmpod_tests::process::{children, wait_gone, ChildGuard};
 use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -125,4 +126,111 @@ fn loglevel_zero_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("loglevel=0"), "{stderr}");
+}
+
+/// The command line of process `pid` (NUL-separated words).
+fn cmdline_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|w| !w.is_empty())
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kill the helper of a running VM with the argument `needle` (or
+/// `needle=...`):
+/// the VM must end on its own with `Crashed("<role> exited ...")`, exit 2,
+/// and leave no QEMU, helper, socket or runtime dir behind.
+fn helper_death_ends_the_vm(needle: &str, role: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = artifacts();
+    let mut child = ChildGuard::spawn(
+        vm_run_command(dir.path())
+            .args(["--hypervisor", "qemu", "--accel", "tcg"])
+            .arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initrd")
+            .arg(&a.initrd)
+            .args(["--cmdline", "vmpod_test=idle", "--memory-mib", "128"])
+            .arg("--exit-json")
+            .arg(dir.path().join(EXIT_JSON))
+            .args(extra),
+    );
+    child.wait_console(&dir.path().join(CONSOLE_LOG), "VMPOD-IDLE", TIMEOUT);
+    let procs = children(child.id());
+    let find = |what: &str| {
+        procs
+            .iter()
+            .copied()
+            .find(|&p| {
+                cmdline_of(p)
+                    .iter()
+                    .any(|w| w == what || w.starts_with(&format!("{what}=")))
+            })
+            .unwrap_or_else(|| panic!("no {what} among {procs:?}"))
+    };
+    let helper = find(needle);
+    let qemu = procs
+        .iter()
+        .copied()
+        .find(|&p| {
+            cmdline_of(p)
+                .first()
+                .is_some_and(|w| w.contains("qemu-system"))
+        })
+        .unwrap_or_else(|| panic!("no QEMU among {procs:?}"));
+    assert_ne!(helper, qemu);
+    // QEMU's runtime dir (helper sockets and logs), from its -qmp socket.
+    let runtime_dir = cmdline_of(qemu)
+        .iter()
+        .find_map(|w| w.strip_prefix("unix:").map(str::to_string))
+        .and_then(|w| {
+            let sock = w.split(',').next().unwrap_or_default().to_string();
+            Path::new(&sock).parent().map(Path::to_path_buf)
+        })
+        .expect("QEMU's -qmp unix:DIR/qmp.sock");
+    assert!(runtime_dir.is_dir(), "{}", runtime_dir.display());
+
+    // SAFETY: plain kill(2) of a process of this test's VM.
+    assert_eq!(unsafe { libc::kill(helper as i32, libc::SIGKILL) }, 0);
+    let out = child.wait_exit(Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "crash → exit 2: {stderr}");
+    assert!(
+        stderr.contains(&format!("guest crashed: {role} exited")),
+        "{stderr}"
+    );
+    match exit_reason(&dir.path().join(EXIT_JSON)) {
+        ExitReason::Crashed(r) => assert!(r.starts_with(&format!("{role} exited")), "{r}"),
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    wait_gone(&procs);
+    assert!(!dir.path().join(VSOCK_UDS).exists(), "vsock socket removed");
+    assert!(
+        !runtime_dir.exists(),
+        "runtime dir {} removed",
+        runtime_dir.display()
+    );
+}
+
+/// The vsock back-end dies under a running VM: the VM used to run on
+/// without vsock while wait() never returned.
+#[test]
+fn vsock_back_end_death_ends_the_vm() {
+    helper_death_ends_the_vm("vhost-user-vsock", "vsock back-end", &[]);
+}
+
+/// Same for virtiofsd (one per shared dir).
+#[test]
+fn virtiofsd_death_ends_the_vm() {
+    if vmpod_runtime::hypervisor::tools::find("virtiofsd").is_none() {
+        eprintln!("SKIP virtiofsd_death_ends_the_vm: virtiofsd not installed (make tools)");
+        return;
+    }
+    let share = tempfile::tempdir().unwrap();
+    let arg = format!("share={}", share.path().display());
+    helper_death_ends_the_vm("--shared-dir", "virtiofsd", &["--share", &arg]);
 }

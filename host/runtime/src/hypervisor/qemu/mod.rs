@@ -83,8 +83,10 @@ pub struct QemuHypervisor {
 }
 
 const QEMU_BIN: &str = "qemu-system-x86_64";
-/// Name of the vsock helper process in logs and errors.
+/// Name of the vsock helper process in start-up errors.
 const VSOCK_HELPER: &str = "vmpod vm vhost-user-vsock";
+/// What the vsock helper is once running (logs, exit reasons).
+const VSOCK_ROLE: &str = "vsock back-end";
 const VIRTIOFSD_BIN: &str = "virtiofsd";
 
 impl QemuHypervisor {
@@ -168,7 +170,7 @@ impl QemuHypervisor {
             Duration::from_secs(10),
         )
         .await?;
-        helpers.push(vm::Helper::new(VSOCK_HELPER, child, log));
+        helpers.push(vm::Helper::new(VSOCK_ROLE, child, log));
 
         if let Some(virtiofsd) = &virtiofsd {
             for (i, share) in config.shared_dirs.iter().enumerate() {

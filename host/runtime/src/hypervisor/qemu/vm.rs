@@ -18,10 +18,15 @@ use crate::hypervisor::{ExitReason, VmConfig};
 
 /// How long QEMU gets to exit after `quit` before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// A helper that exits because QEMU is going away (it closed the vhost-user
+/// socket) is followed by QEMU's own exit within this long; a helper that
+/// dies while QEMU runs on is a failure of the VM.
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(50);
 
 /// A supervised helper process (vsock back-end, virtiofsd).
 pub(crate) struct Helper {
+    /// What it serves, for logs and exit reasons ("vsock back-end").
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -70,6 +75,7 @@ pub(crate) fn spawn(parts: Parts) -> QemuVm {
         panic: None,
         shutdown_reason: None,
         internal_error: None,
+        helper_failure: None,
     };
     tokio::spawn(sup.run(channels.stop_rx, channels.exit_tx));
     handle
@@ -113,6 +119,8 @@ struct Supervisor {
     panic: Option<String>,
     shutdown_reason: Option<String>,
     internal_error: Option<String>,
+    /// A helper died while QEMU ran on (its device is dead in the guest).
+    helper_failure: Option<String>,
 }
 
 async fn next_qmp(qmp: &mut Option<Qmp>) -> Option<QmpMessage> {
@@ -190,7 +198,7 @@ impl Supervisor {
                     .map(str::to_string);
             }
             // The VM paused by itself: KVM internal error (emulation failure).
-            "STOP" if self.stopping.is_none() && !self.power_down => {
+            "STOP" if !self.ending() => {
                 let log = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
                 let why = log
                     .lines()
@@ -205,17 +213,31 @@ impl Supervisor {
         }
     }
 
+    /// Has the VM already been asked to end (by us, the guest or a failure)?
+    fn ending(&self) -> bool {
+        self.stopping.is_some()
+            || self.power_down
+            || self.internal_error.is_some()
+            || self.helper_failure.is_some()
+    }
+
     async fn on_tick(&mut self) {
         for ev in self.console.poll() {
             self.on_console(ev).await;
         }
+        let mut failed = None;
         for h in &mut self.helpers {
             if !h.exited {
                 if let Ok(Some(status)) = h.child.try_wait() {
                     h.exited = true;
-                    tracing::warn!(helper = h.name, %status, log = %log_tail(&h.log, 3), "helper exited while the VM runs");
+                    let tail = log_tail(&h.log, 3);
+                    tracing::warn!(helper = h.name, %status, log = %tail, "helper exited");
+                    failed.get_or_insert(format!("{} exited ({status}): {tail}", h.name));
                 }
             }
+        }
+        if let Some(why) = failed {
+            self.on_helper_exit(why).await;
         }
         if let Some(since) = self.stopping {
             if since.elapsed() > QUIT_GRACE {
@@ -223,6 +245,25 @@ impl Supervisor {
                 let _ = self.qemu.start_kill();
             }
         }
+    }
+
+    /// A helper exited. If QEMU follows within [`HELPER_EXIT_GRACE`], QEMU
+    /// was going away and the helper only noticed (the main loop then sees
+    /// QEMU's status); otherwise the guest lost a device for good (a VM
+    /// without vsock never reaches its agent): end the VM with that reason.
+    async fn on_helper_exit(&mut self, why: String) {
+        if self.ending() {
+            return;
+        }
+        if tokio::time::timeout(HELPER_EXIT_GRACE, self.qemu.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::error!(%why, "a helper died under a running VM; ending the VM");
+        self.helper_failure = Some(why);
+        self.request_quit(false).await;
     }
 
     async fn on_console(&mut self, ev: ConsoleEvent) {
@@ -249,6 +290,9 @@ impl Supervisor {
             return ExitReason::Crashed(p);
         }
         if let Some(e) = self.internal_error.take() {
+            return ExitReason::Crashed(e);
+        }
+        if let Some(e) = self.helper_failure.take() {
             return ExitReason::Crashed(e);
         }
         if self.power_down {
