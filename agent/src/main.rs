@@ -14,6 +14,7 @@ mod reaper;
 mod rpc;
 mod stage2;
 mod state;
+mod stdin;
 mod stdio;
 
 use std::sync::Arc;

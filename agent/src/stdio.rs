@@ -56,6 +56,13 @@ fn eventfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Block until `src` is readable (or hung up).
+fn wait_pollin(src: &File) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::NONE);
+}
+
 impl OutBuf {
     fn new(wake: Option<OwnedFd>) -> Self {
         OutBuf {
@@ -109,6 +116,14 @@ impl OutBuf {
             let n = match src.read(&mut chunk) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // A pty master shares its file (and O_NONBLOCK) with the
+                // process's stdin writer: nothing there after all, poll again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.wake.is_none() {
+                        wait_pollin(&src);
+                    }
+                    continue;
+                }
                 // EIO: pty slave closed.
                 Err(_) => 0,
             };

@@ -166,6 +166,18 @@ pub fn shared(name: &str) -> &'static AgentVm {
     }
 }
 
+/// A raw ttrpc agent client on a new connection to `uds`, for what
+/// [`AgentClient`] does not expose (e.g. WriteStdin's `written` count).
+pub async fn raw_agent(uds: &std::path::Path) -> vmpod_proto::agent_ttrpc::AgentClient {
+    let s = vmpod_runtime::agent_client::connect_stream(uds, AGENT_VSOCK_PORT)
+        .await
+        .unwrap();
+    let c = vmpod_proto::ttrpc::r#async::Client::new(
+        vmpod_proto::ttrpc::r#async::transport::Socket::from(s),
+    );
+    vmpod_proto::agent_ttrpc::AgentClient::new(c)
+}
+
 /// An OCI spec as the bytes the agent takes.
 pub fn bytes(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()

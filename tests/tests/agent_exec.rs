@@ -14,6 +14,8 @@ use vmpod_tests::agent_vm::{self, bytes};
 struct Shared<'a> {
     rt: &'a tokio::runtime::Runtime,
     client: &'a AgentClient,
+    /// The VM's hybrid-vsock socket (for raw ttrpc clients).
+    uds: &'a std::path::Path,
 }
 
 fn fixture() -> Shared<'static> {
@@ -21,6 +23,7 @@ fn fixture() -> Shared<'static> {
     Shared {
         rt: &f.rt,
         client: &f.client,
+        uds: f.vm.as_ref().expect("VM running").vsock_uds(),
     }
 }
 
@@ -311,6 +314,85 @@ fn stdin_tty_update_and_stats() {
         assert!(list
             .iter()
             .any(|ci| ci.container_id == id && ci.status == "running"));
+        c.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn stdin_never_read_does_not_block_the_agent() {
+    use vmpod_proto::agent::{CloseStdinRequest, WriteStdinRequest};
+    use vmpod_proto::ttrpc::context;
+    use vmpod_runtime::agent_client::Code;
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        let raw = agent_vm::raw_agent(f.uds).await;
+        // Reads nothing for 6 s, then counts what stdin holds until EOF.
+        let id = "stdin-unread";
+        let s = spec(&["sh", "-c", "sleep 6; wc -c"]);
+        c.create_container(id, bytes(&s), "", None, true)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let write = |timeout: Duration, len: usize| {
+            let raw = raw.clone();
+            async move {
+                let req = WriteStdinRequest {
+                    container_id: id.into(),
+                    data: vec![b'x'; len],
+                    ..Default::default()
+                };
+                raw.write_stdin(context::with_duration(timeout), &req).await
+            }
+        };
+        // More than the pipe holds: a partial count well within the
+        // caller's 2 s deadline, not a write stuck until the process reads.
+        let t = Instant::now();
+        let first = write(Duration::from_secs(2), 256 << 10)
+            .await
+            .unwrap()
+            .written as usize;
+        assert!(
+            first > 0 && first < 256 << 10,
+            "partial write expected: {first}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // The pipe is full: a write with a long deadline is now stuck ...
+        let stuck = tokio::spawn(write(Duration::from_secs(20), 4096));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!stuck.is_finished(), "write on a full pipe returned early");
+        // ... and close does not wait behind it, and cancels it.
+        let t = Instant::now();
+        let req = CloseStdinRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        raw.close_stdin(context::with_duration(Duration::from_secs(5)), &req)
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "close took {:?}",
+            t.elapsed()
+        );
+        let r = tokio::time::timeout(Duration::from_secs(5), stuck)
+            .await
+            .expect("stuck write not cancelled by close")
+            .unwrap();
+        match r {
+            Err(vmpod_proto::ttrpc::Error::RpcStatus(st)) => {
+                assert_eq!(st.code(), Code::FAILED_PRECONDITION, "{st:?}")
+            }
+            other => panic!("cancelled write: {other:?}"),
+        }
+        // The agent keeps serving meanwhile.
+        c.check().await.unwrap();
+        let (out, _, st) = agent_vm::run(c, "after-stdin", &spec(&["echo", "ok"])).await;
+        assert_eq!((out.as_str(), st.exit_code), ("ok\n", 0));
+        // The process gets exactly what was reported written, then EOF.
+        let out = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out).trim(), first.to_string());
+        assert_eq!(c.wait(id, "").await.unwrap().exit_code, 0);
         c.remove_container(id).await.unwrap();
     });
 }

@@ -16,6 +16,7 @@ use super::spawn::{self, ChildStdio, StagePipes};
 use crate::error::{AgentError, Result};
 use crate::reaper::Exit;
 use crate::state::Agent;
+use crate::stdin::Stdin;
 use crate::stdio::OutBuf;
 
 /// How long a staged child may take to report `ready` or exec.
@@ -32,9 +33,7 @@ pub struct Process {
     pub pid: i32,
     pub stdout: Arc<OutBuf>,
     pub stderr: Arc<OutBuf>,
-    pub stdin: Mutex<Option<File>>,
-    /// The process has a terminal (`pty` until released).
-    pub terminal: bool,
+    pub stdin: Stdin,
     pub pty: Mutex<Option<OwnedFd>>,
     pub exit: watch::Receiver<Option<ExitInfo>>,
     pub started_at: Mutex<Option<i64>>,
@@ -102,6 +101,7 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
             None,
         )
     };
+    let stdin = Stdin::new(stdin_w.map(OwnedFd::from), terminal).map_err(io("stdin"))?;
 
     let (pid, pipes, exit_rx) = agent
         .reaper
@@ -167,8 +167,7 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
         pid,
         stdout,
         stderr,
-        stdin: Mutex::new(stdin_w),
-        terminal,
+        stdin,
         pty: Mutex::new(pty),
         exit: rx,
         started_at: Mutex::new(None),
@@ -294,16 +293,11 @@ impl Process {
     /// Nothing will use this process's stdio again (container removed,
     /// exec retired): discard its output (ending the reader threads and
     /// their pipes), close stdin and the pty master, drop the stage pipes.
-    /// Never blocks: a stdin held by a stuck WriteStdin is closed when
-    /// that call lets go of the process.
+    /// Never blocks: a WriteStdin in flight is cancelled.
     pub fn release(&self) {
         self.stdout.discard();
         self.stderr.discard();
-        match self.stdin.try_lock() {
-            Ok(mut g) => drop(g.take()),
-            Err(std::sync::TryLockError::Poisoned(p)) => drop(p.into_inner().take()),
-            Err(std::sync::TryLockError::WouldBlock) => {}
-        }
+        self.stdin.take();
         self.pty.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.abandon();
     }
@@ -326,8 +320,7 @@ impl Process {
             pid,
             stdout: OutBuf::silent(),
             stderr: OutBuf::silent(),
-            stdin: Mutex::new(None),
-            terminal: false,
+            stdin: Stdin::new(None, false).expect("no fd, no reactor needed"),
             pty: Mutex::new(None),
             exit: rx,
             started_at: Mutex::new(None),

@@ -25,14 +25,17 @@ pub struct AgentService {
 
 type R<T> = ttrpc::Result<T>;
 
+/// One line per RPC: `name, Request, Response, handler;` — or with
+/// `+timeout` at the end for handlers that get the caller's deadline
+/// (`timeout_nano`, 0 = none) as a third argument.
 macro_rules! agent_service {
-    ($($name:ident, $req:ty, $resp:ty, $handler:path;)*) => {
+    ($($name:ident, $req:ty, $resp:ty, $handler:path $(, +$timeout:ident)?;)*) => {
         #[async_trait]
         impl agent_ttrpc::Agent for AgentService {
             $(
                 async fn $name(&self, _ctx: &TtrpcContext, req: $req) -> R<$resp> {
                     tracing::debug!(rpc = stringify!($name), ?req, "request");
-                    $handler(&self.agent, req).await.map_err(|e| {
+                    $handler(&self.agent, req $(, { let _ = stringify!($timeout); _ctx.timeout_nano })?).await.map_err(|e| {
                         tracing::warn!(rpc = stringify!($name), error = %e, "rpc failed");
                         e.into()
                     })
@@ -57,7 +60,7 @@ agent_service! {
     signal_process, SignalProcessRequest, SignalProcessResponse, process::signal;
     wait_process, WaitProcessRequest, WaitProcessResponse, process::wait;
     read_stream, ReadStreamRequest, ReadStreamResponse, stdio::read_stream;
-    write_stdin, WriteStdinRequest, WriteStdinResponse, stdio::write_stdin;
+    write_stdin, WriteStdinRequest, WriteStdinResponse, stdio::write_stdin, +timeout;
     close_stdin, CloseStdinRequest, CloseStdinResponse, stdio::close_stdin;
     resize_tty, ResizeTtyRequest, ResizeTtyResponse, stdio::resize_tty;
 }

@@ -1,6 +1,5 @@
 //! Stdio RPCs: chunked output reads, stdin, tty resize.
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +8,7 @@ use vmpod_proto::agent::*;
 
 use crate::error::{AgentError, Result};
 use crate::state::Agent;
+use crate::stdin::StdinError;
 
 pub async fn read_stream(agent: &Arc<Agent>, req: ReadStreamRequest) -> Result<ReadStreamResponse> {
     let c = agent.get(&req.container_id)?;
@@ -33,46 +33,60 @@ pub async fn read_stream(agent: &Arc<Agent>, req: ReadStreamRequest) -> Result<R
     })
 }
 
-pub async fn write_stdin(agent: &Arc<Agent>, req: WriteStdinRequest) -> Result<WriteStdinResponse> {
+/// Longest a WriteStdin waits for a process to read when the caller set
+/// no deadline (or a longer one).
+pub const STDIN_WRITE_BOUND: Duration = Duration::from_secs(30);
+
+/// When a write must give up: before the caller's deadline (ttrpc drops
+/// the handler at the deadline, and the partial count must reach the
+/// caller), and never later than [`STDIN_WRITE_BOUND`].
+pub fn write_budget(timeout_nano: i64) -> Duration {
+    if timeout_nano <= 0 {
+        return STDIN_WRITE_BOUND;
+    }
+    let t = Duration::from_nanos(timeout_nano as u64);
+    let margin = (t / 5).min(Duration::from_millis(500));
+    (t - margin).min(STDIN_WRITE_BOUND)
+}
+
+pub async fn write_stdin(
+    agent: &Arc<Agent>,
+    req: WriteStdinRequest,
+    timeout_nano: i64,
+) -> Result<WriteStdinResponse> {
+    let deadline = tokio::time::Instant::now() + write_budget(timeout_nano);
     let c = agent.get(&req.container_id)?;
     let p = c.process(&req.exec_id)?;
     drop(c);
-    let len = req.data.len();
-    tokio::task::spawn_blocking(move || {
-        let mut g = p.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        let f = g.as_mut().ok_or_else(|| {
-            AgentError::FailedPrecondition("stdin is closed or was not requested".into())
+    let written = p
+        .stdin
+        .write(&req.data, deadline)
+        .await
+        .map_err(|e| match e {
+            StdinError::Timeout(_) => AgentError::DeadlineExceeded(e.to_string()),
+            StdinError::Closed | StdinError::Io(_) => AgentError::FailedPrecondition(e.to_string()),
         })?;
-        f.write_all(&req.data)
-            .map_err(|e| AgentError::FailedPrecondition(format!("write stdin: {e}")))
-    })
-    .await
-    .map_err(|e| AgentError::internal("stdin task", e))??;
+    if written < req.data.len() {
+        tracing::debug!(
+            container = %req.container_id,
+            exec = %req.exec_id,
+            written,
+            len = req.data.len(),
+            "partial stdin write"
+        );
+    }
     Ok(WriteStdinResponse {
-        written: len as u32,
+        written: written as u32,
         ..Default::default()
     })
 }
 
+/// Never waits behind a write in flight: that write is cancelled.
 pub async fn close_stdin(agent: &Arc<Agent>, req: CloseStdinRequest) -> Result<CloseStdinResponse> {
     let c = agent.get(&req.container_id)?;
     let p = c.process(&req.exec_id)?;
     drop(c);
-    // On the blocking pool: the stdin lock may be held by a write_stdin
-    // stuck on a full pipe, and the ^D write itself can block.
-    tokio::task::spawn_blocking(move || {
-        let mut g = p.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        if p.terminal {
-            // A tty has no separate stdin to close: send EOF (^D).
-            if let Some(f) = g.as_mut() {
-                let _ = f.write_all(&[4]);
-            }
-        } else {
-            g.take();
-        }
-    })
-    .await
-    .map_err(|e| AgentError::internal("close stdin task", e))?;
+    p.stdin.close().await;
     Ok(CloseStdinResponse::default())
 }
 
@@ -101,4 +115,18 @@ pub async fn resize_tty(agent: &Arc<Agent>, req: ResizeTtyRequest) -> Result<Res
         ));
     }
     Ok(ResizeTtyResponse::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_write_budget() {
+        assert_eq!(write_budget(0), STDIN_WRITE_BOUND);
+        // leaves a margin before the caller's deadline
+        assert_eq!(write_budget(1_000_000_000), Duration::from_millis(800));
+        assert_eq!(write_budget(10_000_000_000), Duration::from_millis(9500));
+        assert_eq!(write_budget(3_600_000_000_000), STDIN_WRITE_BOUND);
+    }
 }
