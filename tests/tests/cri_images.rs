@@ -133,6 +133,39 @@ async fn pull_by_digest_and_remove_by_id() {
     assert!(c.list(None).await.unwrap().is_empty());
 }
 
+/// `name:tag@digest` is `name@digest`, as containerd's ParseDockerRef makes
+/// it: the digest is pulled and the tag (here one the registry doesn't even
+/// have) is neither fetched nor recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_and_digest_pulls_the_digest_and_records_no_tag() {
+    require_registry!();
+    let (reg, img) = registry_with_busybox().await;
+    let (_d, mut c) = daemon().await;
+    let both = format!("{}/test/busybox:v9@{}", reg.addr(), img.manifest_digest);
+    assert_eq!(c.pull(&both, None).await.unwrap(), img.config_digest);
+    let list = c.list(None).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(list[0].repo_tags.is_empty(), "{:?}", list[0].repo_tags);
+    assert_eq!(
+        list[0].repo_digests,
+        vec![format!(
+            "{}/test/busybox@{}",
+            reg.addr(),
+            img.manifest_digest
+        )]
+    );
+    assert!(
+        !reg.requests()
+            .iter()
+            .any(|(_, p)| p.ends_with("/manifests/v9")),
+        "the tag was asked for"
+    );
+    // Any tag with the digest finds it, as the digest alone names it.
+    let other = format!("{}/test/busybox:v1@{}", reg.addr(), img.manifest_digest);
+    let s = c.image_status(&other, false).await.unwrap();
+    assert_eq!(s.image.unwrap().id, img.config_digest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tags_share_layers_and_removal_keeps_the_other() {
     require_registry!();

@@ -7,7 +7,8 @@
 //!   or is `localhost` (`localhost:5000/x`, `registry.k8s.io/pause`)
 //! * `index.docker.io` is spelled `docker.io`
 //! * no tag and no digest -> tag `latest`; a digest alone gets no tag
-//! * `name:tag@sha256:...` keeps both (the digest decides what is pulled)
+//! * `name:tag@sha256:...` drops the tag, as containerd's `ParseDockerRef`
+//!   does: the digest alone names the image (the tag is still validated)
 //! * repository paths must be lowercase.
 
 use std::fmt;
@@ -89,7 +90,11 @@ impl ImageRef {
         }
         let tag = match (&tag, &digest) {
             (None, None) => Some("latest".to_string()),
-            _ => tag,
+            // `name:tag@digest` is `name@digest` (containerd's
+            // ParseDockerRef): the tag would name content we never
+            // resolved, so it is not recorded.
+            (_, Some(_)) => None,
+            (Some(_), None) => tag,
         };
         Ok(ImageRef {
             registry,
@@ -325,11 +330,19 @@ mod tests {
         assert_eq!(r.digest.as_deref(), Some(D));
         assert_eq!(r.to_string(), format!("docker.io/library/busybox@{D}"));
         assert_eq!(r.remote_ref(), D);
+        // name:tag@digest normalises to name@digest (containerd's ParseDockerRef).
         let r = ImageRef::parse(&format!("localhost:5000/x:v2@{D}")).unwrap();
-        assert_eq!(r.tag.as_deref(), Some("v2"));
+        assert_eq!(r.tag, None);
         assert_eq!(r.remote_ref(), D);
-        assert_eq!(r.tagged().unwrap(), "localhost:5000/x:v2");
+        assert_eq!(r.tagged(), None);
+        assert_eq!(r.to_string(), format!("localhost:5000/x@{D}"));
         assert_eq!(r.digested(D), format!("localhost:5000/x@{D}"));
+        assert_eq!(
+            norm(&format!("busybox:1.36@{D}")),
+            norm(&format!("busybox@{D}"))
+        );
+        // The dropped tag must still be a valid one.
+        assert!(ImageRef::parse(&format!("busybox:-bad@{D}")).is_err());
     }
 
     #[test]
