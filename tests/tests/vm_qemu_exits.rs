@@ -96,6 +96,24 @@ fn panic_is_a_crash_even_with_another_console() {
     );
 }
 
+/// `panic=0`: the kernel does not reset after a panic, it prints
+/// `---[ end Kernel panic ...` and stops for good. The console parser both
+/// backends share sees that line, so QEMU is ended (it used to run on).
+#[test]
+fn panic_without_reset_ends_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = start_vm(dir.path(), "panic=0 vmpod_test=panic").wait_exit(TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let reason = exit_reason(&dir.path().join(EXIT_JSON));
+    assert_eq!(
+        reason,
+        ExitReason::Crashed(
+            "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000300".into()
+        )
+    );
+}
+
 /// Power-off with the user's console elsewhere: the `reboot: Power down`
 /// line still reaches the serial log, so the VM ends (it used to hang: a
 /// microVM without ACPI only halts).

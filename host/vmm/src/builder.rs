@@ -162,7 +162,8 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         devices.push(Box::new(blk::Block::open(&d.path, d.read_only)?));
     }
     for n in &config.nets {
-        let mac = config::parse_mac(&n.mac)?;
+        let mac = vmpod_runtime::hypervisor::parse_mac(&n.mac)
+            .ok_or_else(|| config::Error::Invalid(format!("MAC address {:?}", n.mac)))?;
         devices.push(Box::new(net::Net::open(&n.tap, mac)?));
     }
     if config.rng {

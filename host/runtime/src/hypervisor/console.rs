@@ -1,7 +1,11 @@
-//! Reading the guest's serial console log for the events a VMM cannot see
+//! Reading the guest's serial console for the events a VMM cannot see
 //! otherwise: a kernel panic (the reason we report) and a clean power-down
 //! (microVMs without ACPI have no power-off device; the kernel prints the
 //! line and halts, so the backend ends the VM itself).
+//!
+//! [`classify`] is the one parser of console lines: the QEMU backend feeds
+//! it from the log ([`ConsoleWatch`]), the built-in VMM's serial device from
+//! the bytes the guest writes.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,6 +16,10 @@ use std::path::{Path, PathBuf};
 pub enum ConsoleEvent {
     /// `Kernel panic - not syncing: ...` (the line, timestamp stripped).
     Panic(String),
+    /// `---[ end Kernel panic - not syncing: ... ]---`: the kernel's last
+    /// words when it does not reboot on panic (`panic=0`); it stops for good.
+    /// Carries the panic line as [`ConsoleEvent::Panic`] does.
+    PanicEnd(String),
     /// `reboot: Power down` or `reboot: System halted`.
     PowerDown,
     /// `reboot: Restarting system`.
@@ -20,9 +28,16 @@ pub enum ConsoleEvent {
 
 /// Classify one console line.
 pub fn classify(line: &str) -> Option<ConsoleEvent> {
+    const PANIC: &str = "Kernel panic - not syncing";
+    const END: &str = "---[ end ";
     let text = strip_timestamp(line.trim_end_matches(['\r', '\n']));
-    if let Some(i) = text.find("Kernel panic - not syncing") {
-        return Some(ConsoleEvent::Panic(text[i..].trim().to_string()));
+    if let Some(i) = text.find(PANIC) {
+        let msg = text[i..].trim();
+        if text[..i].ends_with(END) {
+            let msg = msg.strip_suffix("]---").unwrap_or(msg).trim_end();
+            return Some(ConsoleEvent::PanicEnd(msg.to_string()));
+        }
+        return Some(ConsoleEvent::Panic(msg.to_string()));
     }
     match text.trim() {
         "reboot: Power down" | "reboot: System halted" => Some(ConsoleEvent::PowerDown),
@@ -139,7 +154,14 @@ mod tests {
             classify("[ 2.0] reboot: Restarting system"),
             Some(ConsoleEvent::Restart)
         );
+        assert_eq!(
+            classify("[ 3.1] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---\r"),
+            Some(ConsoleEvent::PanicEnd(
+                "Kernel panic - not syncing: Attempted to kill init!".into()
+            ))
+        );
         assert_eq!(classify("echo reboot: Power down later"), None);
+        assert_eq!(classify("reboot: Power down now"), None);
         assert_eq!(classify("[ 0.1] Run /init as init process"), None);
     }
 

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use validate::{MIN_MEMORY_MIB, VIRTIO_FS_TAG_MAX};
+pub use validate::{parse_mac, MIN_MEMORY_MIB, VIRTIO_FS_TAG_MAX};
 
 /// Plain data describing one microVM. Backends translate it; nothing here is
 /// backend-specific.

@@ -110,9 +110,9 @@ impl VmConfig {
                     net.tap
                 )));
             }
-            if !valid_mac(&net.mac) {
+            if parse_mac(&net.mac).is_none() {
                 return Err(invalid(format!(
-                    "MAC address {:?} of net {i} is not of the form 02:00:00:00:00:01",
+                    "MAC address {:?} of net {i} is not a unicast address of the form 02:00:00:00:00:01",
                     net.mac
                 )));
             }
@@ -267,12 +267,22 @@ fn check_console_log(path: &Path) -> Result<()> {
         })
 }
 
-fn valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+/// `aa:bb:cc:dd:ee:ff` as bytes; `None` unless six two-digit hex groups
+/// forming a unicast address (a multicast source MAC is invalid on Ethernet).
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 {
+        return None;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -405,8 +415,24 @@ mod tests {
             assert!(err(&c).contains("TAP"), "{bad:?}");
         }
         c.nets[0].tap = "tap0".into();
-        c.nets[0].mac = "zz".into();
-        assert!(err(&c).contains("MAC"));
+        for bad in [
+            "zz",
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:0g",
+            "002:00:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "01:00:00:00:00:00",
+        ] {
+            c.nets[0].mac = bad.into();
+            assert!(err(&c).contains("MAC"), "{bad:?}");
+        }
+        c.nets[0].mac = "02:ab:CD:00:11:ff".into();
+        assert_eq!(
+            parse_mac(&c.nets[0].mac),
+            Some([2, 0xab, 0xcd, 0, 0x11, 0xff])
+        );
+        c.validate_with_limits(2, 4096).unwrap();
         c.nets.clear();
         c.shared_dirs.push(SharedDirConfig {
             tag: "rootfs".into(),

@@ -48,7 +48,8 @@ impl ExitSignal {
         let _ = self.evt.write(1);
     }
 
-    /// The console showed a kernel panic with this message.
+    /// The console showed this kernel panic line
+    /// (`Kernel panic - not syncing: ...`).
     pub fn note_panic(&self, msg: &str) {
         let mut p = self.panic.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none() {
@@ -61,7 +62,7 @@ impl ExitSignal {
     pub fn request_reset(&self) {
         let panic = self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.request(match panic {
-            Some(msg) => ExitReason::Crashed(format!("Kernel panic - not syncing: {msg}")),
+            Some(line) => ExitReason::Crashed(line),
             None => ExitReason::Reboot,
         });
     }

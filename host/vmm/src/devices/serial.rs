@@ -10,17 +10,13 @@ use vm_superio::{Serial, Trigger};
 
 use super::bus::BusDevice;
 use super::{ExitSignal, IrqLine};
+use vmpod_runtime::hypervisor::console::{classify, ConsoleEvent};
 use vmpod_runtime::hypervisor::ExitReason;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const PORT_LEN: u64 = 8;
 
-const PANIC_MARK: &str = "Kernel panic - not syncing: ";
-const PANIC_END_MARK: &str = "---[ end Kernel panic - not syncing: ";
-/// What the kernel prints when asked to power off or halt (`reboot: `
-/// prefix) just before it stops all CPUs.
-const POWER_OFF_MARKS: &[&str] = &["reboot: Power down", "reboot: System halted"];
 /// Longest console line we keep for panic detection.
 const MAX_LINE: usize = 1024;
 
@@ -50,20 +46,19 @@ impl<W: Write> ConsoleSink<W> {
         }
     }
 
+    /// One console line through the runtime's shared [`classify`].
     fn end_of_line(&mut self) {
-        let line = String::from_utf8_lossy(&self.line);
-        if let Some(i) = line.find(PANIC_END_MARK) {
+        match classify(&String::from_utf8_lossy(&self.line)) {
+            // panic=-1 resets next (i8042 / triple fault): that reports it.
+            Some(ConsoleEvent::Panic(line)) => self.exit.note_panic(&line),
             // The kernel stopped for good (panic=0): nothing more will come.
-            let msg = line[i + PANIC_END_MARK.len()..]
-                .trim_end_matches(" ]---")
-                .trim();
-            self.exit.note_panic(msg);
-            self.exit.request_reset();
-        } else if let Some(i) = line.find(PANIC_MARK) {
-            self.exit.note_panic(line[i + PANIC_MARK.len()..].trim());
-        } else if POWER_OFF_MARKS.iter().any(|m| line.contains(m)) {
+            Some(ConsoleEvent::PanicEnd(line)) => {
+                self.exit.note_panic(&line);
+                self.exit.request_reset();
+            }
             // No ACPI in a microVM: after this the kernel halts forever.
-            self.exit.request(ExitReason::PowerOff);
+            Some(ConsoleEvent::PowerDown) => self.exit.request(ExitReason::PowerOff),
+            Some(ConsoleEvent::Restart) | None => {}
         }
         self.line.clear();
     }

@@ -76,6 +76,7 @@ pub(crate) fn spawn(parts: Parts) -> QemuVm {
         shutdown_reason: None,
         internal_error: None,
         helper_failure: None,
+        panic_end: false,
     };
     tokio::spawn(sup.run(channels.stop_rx, channels.exit_tx));
     handle
@@ -121,6 +122,8 @@ struct Supervisor {
     internal_error: Option<String>,
     /// A helper died while QEMU ran on (its device is dead in the guest).
     helper_failure: Option<String>,
+    /// The guest's panic ended without a reset (`panic=0`); we quit QEMU.
+    panic_end: bool,
 }
 
 async fn next_qmp(qmp: &mut Option<Qmp>) -> Option<QmpMessage> {
@@ -217,6 +220,7 @@ impl Supervisor {
     fn ending(&self) -> bool {
         self.stopping.is_some()
             || self.power_down
+            || self.panic_end
             || self.internal_error.is_some()
             || self.helper_failure.is_some()
     }
@@ -269,6 +273,15 @@ impl Supervisor {
     async fn on_console(&mut self, ev: ConsoleEvent) {
         match ev {
             ConsoleEvent::Panic(line) if self.panic.is_none() => self.panic = Some(line),
+            ConsoleEvent::PanicEnd(line) => {
+                // panic=0 in the user's command line: the guest stops for
+                // good instead of resetting; end the VM ourselves.
+                self.panic.get_or_insert(line);
+                if !self.ending() {
+                    self.panic_end = true;
+                    self.request_quit(false).await;
+                }
+            }
             ConsoleEvent::PowerDown if !self.power_down => {
                 // No ACPI, no power-off device: the guest halted; end the VM.
                 self.power_down = true;
@@ -281,7 +294,9 @@ impl Supervisor {
     fn reason(&mut self, status: std::io::Result<ExitStatus>) -> ExitReason {
         for ev in self.console.drain() {
             match ev {
-                ConsoleEvent::Panic(line) if self.panic.is_none() => self.panic = Some(line),
+                ConsoleEvent::Panic(line) | ConsoleEvent::PanicEnd(line) => {
+                    self.panic.get_or_insert(line);
+                }
                 ConsoleEvent::PowerDown => self.power_down = true,
                 _ => {}
             }
