@@ -231,14 +231,11 @@ fn vcpu_loop(
                 exit.request_reset();
                 return;
             }
-            Ok(VcpuExit::SystemEvent(kind)) => match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                    exit.request_reset();
-                    return;
-                }
-                other => ExitReason::Crashed(format!("system event {other}")),
-            },
+            Ok(VcpuExit::PowerOff) => ExitReason::PowerOff,
+            Ok(VcpuExit::Reset) => {
+                exit.request_reset();
+                return;
+            }
             Ok(VcpuExit::InternalError { suberror, data }) => ExitReason::Crashed(format!(
                 "KVM internal error on vCPU {id}: suberror {suberror} ({}), data {:x?}",
                 internal_error_name(suberror),
@@ -264,5 +261,168 @@ fn internal_error_name(suberror: u32) -> &'static str {
         3 => "delivery event",
         4 => "unexpected exit reason",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+
+    use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_sregs, CpuId};
+
+    use super::*;
+    use crate::devices::bus::Bus;
+    use crate::hypervisor::{self, IoHandler};
+
+    /// A vCPU that returns scripted exits (then stops the test with an
+    /// error if the loop asks for more) and counts `run` calls.
+    struct FakeVcpu {
+        exits: VecDeque<hypervisor::Result<VcpuExit>>,
+        runs: Arc<AtomicUsize>,
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn set_cpuid(&self, _: &CpuId) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_msrs(&self, msrs: &[(u32, u64)]) -> hypervisor::Result<usize> {
+            Ok(msrs.len())
+        }
+        fn get_regs(&self) -> hypervisor::Result<kvm_regs> {
+            Ok(kvm_regs::default())
+        }
+        fn set_regs(&self, _: &kvm_regs) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_sregs(&self) -> hypervisor::Result<kvm_sregs> {
+            Ok(kvm_sregs::default())
+        }
+        fn set_sregs(&self, _: &kvm_sregs) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_fpu(&self, _: &kvm_fpu) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_lapic(&self) -> hypervisor::Result<kvm_lapic_state> {
+            Ok(kvm_lapic_state::default())
+        }
+        fn set_lapic(&self, _: &kvm_lapic_state) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn run(&mut self, _io: &dyn IoHandler) -> hypervisor::Result<VcpuExit> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            self.exits
+                .pop_front()
+                .unwrap_or_else(|| Ok(VcpuExit::Unexpected("script exhausted".into())))
+        }
+        fn set_immediate_exit(&mut self, _: bool) {}
+    }
+
+    /// Run `vcpu_loop` on vCPU 1 over `exits`; returns the VM's exit reason
+    /// and how often the vCPU ran. `panic` is noted on the console first.
+    fn run_script(
+        exits: Vec<hypervisor::Result<VcpuExit>>,
+        panic: Option<&str>,
+        stop: bool,
+    ) -> (Option<ExitReason>, usize) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let vcpu = Box::new(FakeVcpu {
+            exits: exits.into(),
+            runs: runs.clone(),
+        });
+        let io = IoBuses {
+            pio: Bus::new(),
+            mmio: Bus::new(),
+        };
+        let exit = ExitSignal::new().unwrap();
+        if let Some(p) = panic {
+            exit.note_panic(p);
+        }
+        vcpu_loop(1, vcpu, &io, &exit, &AtomicBool::new(stop));
+        (exit.reason(), runs.load(Ordering::SeqCst))
+    }
+
+    fn crash(exits: Vec<hypervisor::Result<VcpuExit>>) -> String {
+        match run_script(exits, None, false).0 {
+            Some(ExitReason::Crashed(why)) => why,
+            other => panic!("expected a crash, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn internal_error_is_guest_death_with_its_reason() {
+        let why = crash(vec![
+            Ok(VcpuExit::Handled),
+            Ok(VcpuExit::InternalError {
+                suberror: 1,
+                data: vec![0x1f, 0x2],
+            }),
+        ]);
+        assert_eq!(
+            why,
+            "KVM internal error on vCPU 1: suberror 1 (emulation failure), data [1f, 2]"
+        );
+        let why = crash(vec![Ok(VcpuExit::InternalError {
+            suberror: 77,
+            data: vec![],
+        })]);
+        assert!(why.contains("suberror 77 (unknown)"), "{why}");
+    }
+
+    #[test]
+    fn shutdown_and_reset_are_a_reboot_or_the_noted_panic() {
+        let (r, runs) = run_script(vec![Ok(VcpuExit::Shutdown)], None, false);
+        assert_eq!(r, Some(ExitReason::Reboot));
+        assert_eq!(runs, 1, "the vCPU stops after the exit");
+        let (r, _) = run_script(vec![Ok(VcpuExit::Reset)], None, false);
+        assert_eq!(r, Some(ExitReason::Reboot));
+        let line = "Kernel panic - not syncing: VFS: Unable to mount root fs";
+        let (r, _) = run_script(vec![Ok(VcpuExit::Shutdown)], Some(line), false);
+        assert_eq!(r, Some(ExitReason::Crashed(line.into())));
+        let (r, _) = run_script(vec![Ok(VcpuExit::Reset)], Some(line), false);
+        assert_eq!(r, Some(ExitReason::Crashed(line.into())));
+    }
+
+    #[test]
+    fn power_off_and_hlt_are_a_clean_power_off() {
+        let (r, runs) = run_script(
+            vec![
+                Ok(VcpuExit::Handled),
+                Ok(VcpuExit::Interrupted),
+                Ok(VcpuExit::Handled),
+                Ok(VcpuExit::PowerOff),
+            ],
+            None,
+            false,
+        );
+        assert_eq!(r, Some(ExitReason::PowerOff));
+        assert_eq!(runs, 4, "handled and interrupted exits run again");
+        let (r, _) = run_script(vec![Ok(VcpuExit::Hlt)], None, false);
+        assert_eq!(r, Some(ExitReason::PowerOff));
+    }
+
+    #[test]
+    fn failed_entry_unexpected_exits_and_errors_are_crashes() {
+        assert_eq!(
+            crash(vec![Ok(VcpuExit::FailEntry(0x21))]),
+            "VM entry failed on vCPU 1: reason 0x21"
+        );
+        assert_eq!(
+            crash(vec![Ok(VcpuExit::Unexpected("Debug".into()))]),
+            "unexpected exit on vCPU 1: Debug"
+        );
+        let why = crash(vec![Err(hypervisor::Error::Ioctl {
+            op: "KVM_RUN",
+            source: kvm_ioctls::Error::new(libc::EFAULT),
+        })]);
+        assert!(why.starts_with("vCPU 1: KVM ioctl KVM_RUN failed"), "{why}");
+    }
+
+    #[test]
+    fn a_stopped_vm_does_not_run_its_vcpus() {
+        let (r, runs) = run_script(vec![Ok(VcpuExit::PowerOff)], None, true);
+        assert_eq!(r, None, "stopping is the event loop's decision");
+        assert_eq!(runs, 0);
     }
 }

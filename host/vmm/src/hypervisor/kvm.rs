@@ -3,6 +3,7 @@
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs,
     kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -126,6 +127,16 @@ enum RawExit {
     Internal,
 }
 
+/// KVM_EXIT_SYSTEM_EVENT's type as our exit (the numbers stay here).
+fn system_event(kind: u32) -> VcpuExit {
+    match kind {
+        KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
+        KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
+        KVM_SYSTEM_EVENT_CRASH => VcpuExit::Unexpected("guest crash system event".into()),
+        other => VcpuExit::Unexpected(format!("system event {other}")),
+    }
+}
+
 impl Vcpu for KvmVcpu {
     fn set_cpuid(&self, cpuid: &CpuId) -> Result<()> {
         self.fd
@@ -198,7 +209,7 @@ impl Vcpu for KvmVcpu {
             }
             Ok(K::Hlt) => RawExit::Done(VcpuExit::Hlt),
             Ok(K::Shutdown) => RawExit::Done(VcpuExit::Shutdown),
-            Ok(K::SystemEvent(kind, _)) => RawExit::Done(VcpuExit::SystemEvent(kind)),
+            Ok(K::SystemEvent(kind, _)) => RawExit::Done(system_event(kind)),
             Ok(K::FailEntry(reason, _cpu)) => RawExit::Done(VcpuExit::FailEntry(reason)),
             Ok(K::InternalError) => RawExit::Internal,
             Ok(K::Intr) => RawExit::Done(VcpuExit::Interrupted),
@@ -231,5 +242,24 @@ impl Vcpu for KvmVcpu {
 
     fn set_immediate_exit(&mut self, exit: bool) {
         self.fd.set_kvm_immediate_exit(u8::from(exit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_events_map_to_our_exits() {
+        assert_eq!(system_event(KVM_SYSTEM_EVENT_SHUTDOWN), VcpuExit::PowerOff);
+        assert_eq!(system_event(KVM_SYSTEM_EVENT_RESET), VcpuExit::Reset);
+        assert!(matches!(
+            system_event(KVM_SYSTEM_EVENT_CRASH),
+            VcpuExit::Unexpected(w) if w.contains("crash")
+        ));
+        assert_eq!(
+            system_event(99),
+            VcpuExit::Unexpected("system event 99".into())
+        );
     }
 }

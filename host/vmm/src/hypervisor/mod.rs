@@ -46,8 +46,10 @@ pub enum VcpuExit {
     Hlt,
     /// Triple fault or similar: KVM_EXIT_SHUTDOWN.
     Shutdown,
-    /// KVM_EXIT_SYSTEM_EVENT (type).
-    SystemEvent(u32),
+    /// The guest asked to power off (KVM: system event SHUTDOWN).
+    PowerOff,
+    /// The guest asked for a reset (KVM: system event RESET).
+    Reset,
     /// The in-kernel emulator gave up (KVM_EXIT_INTERNAL_ERROR).
     InternalError {
         suberror: u32,
