@@ -25,6 +25,14 @@ mode=$(sed -n 's/.*vmpod_test=\([a-z]*\).*/\1/p' /proc/cmdline)
 case "$mode" in
 panic) exit 3 ;;
 poweroff) poweroff -f ;;
+flood)
+    i=0
+    while [ $i -lt 4000 ]; do
+        echo "VMPOD-FLOOD line $i: a guest printing without end must not fill the host disk"
+        i=$((i+1))
+    done
+    echo VMPOD-FLOOD-DONE
+    poweroff -f ;;
 esac
 echo VMPOD-IDLE
 while true; do sleep 1; done
@@ -55,6 +63,10 @@ fn artifacts() -> &'static Artifacts {
 /// `vmpod vm run` on QEMU/TCG, 1 vCPU, 128 MiB, files in `dir`, exit
 /// reason written to [`EXIT_JSON`].
 fn start_vm(dir: &Path, cmdline: &str) -> ChildGuard {
+    start_vm_with(dir, cmdline, &[])
+}
+
+fn start_vm_with(dir: &Path, cmdline: &str, extra: &[&str]) -> ChildGuard {
     let a = artifacts();
     ChildGuard::spawn(
         vm_run_command(dir)
@@ -65,7 +77,8 @@ fn start_vm(dir: &Path, cmdline: &str) -> ChildGuard {
             .arg(&a.initrd)
             .args(["--cmdline", cmdline, "--vcpus", "1", "--memory-mib", "128"])
             .arg("--exit-json")
-            .arg(dir.join(EXIT_JSON)),
+            .arg(dir.join(EXIT_JSON))
+            .args(extra),
     )
 }
 
@@ -132,6 +145,50 @@ fn power_off_ends_the_vm_even_with_another_console() {
         ExitReason::PowerOff
     );
     assert!(!dir.path().join(VSOCK_UDS).exists(), "vsock socket removed");
+}
+
+/// A guest flooding its console (~300 KB) under a 32 KiB cap: the log
+/// stops at the cap with one line saying so, and the power-off printed
+/// after the cap still ends the VM cleanly (the supervisor reads QEMU's
+/// serial port itself, so detection does not depend on the file).
+#[test]
+fn console_flood_is_capped_and_power_off_still_seen() {
+    const CAP: u64 = 32 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join(CONSOLE_LOG);
+    std::fs::write(&log, "an earlier run's line\n").unwrap();
+    let out = start_vm_with(
+        dir.path(),
+        "vmpod_test=flood",
+        &["--console-log-max", &CAP.to_string()],
+    )
+    .wait_exit(TIMEOUT);
+    assert!(
+        out.status.success(),
+        "power-off → exit 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        exit_reason(&dir.path().join(EXIT_JSON)),
+        ExitReason::PowerOff
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("an earlier run's line\n"), "appended");
+    let notice = format!("console log limit of {CAP} bytes reached");
+    assert_eq!(text.matches(&notice).count(), 1, "one notice");
+    assert!(
+        text.contains("VMPOD-FLOOD line 0:"),
+        "output before the cap"
+    );
+    assert!(
+        !text.contains("VMPOD-FLOOD-DONE"),
+        "output past the cap dropped"
+    );
+    let len = text.len() as u64;
+    assert!(
+        len <= CAP + 200 && len > CAP,
+        "log is {len} bytes for a {CAP}-byte cap"
+    );
 }
 
 /// `loglevel=0` would hide those lines whatever the console: refused up

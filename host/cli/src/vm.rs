@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use vmpod_runtime::hypervisor::console::DEFAULT_CONSOLE_LOG_MAX;
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
 use vmpod_runtime::hypervisor::{
     DiskConfig, ExitReason, HypervisorKind, NetConfig, SharedDirConfig, VmConfig, VmHandle,
@@ -24,7 +25,7 @@ pub struct VmArgs {
 #[derive(clap::Subcommand)]
 enum VmCommand {
     /// Run one microVM in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a guest's vsock as a vhost-user back-end (QEMU's
     /// `vhost-user-vsock-device`) with the hybrid unix-socket protocol.
     /// The QEMU backend starts one per VM; it exits when QEMU disconnects.
@@ -95,6 +96,10 @@ struct RunArgs {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// Most bytes of guest output written to the console log (then one
+    /// line says the rest was dropped); panics and power-off are still seen.
+    #[arg(long, default_value_t = DEFAULT_CONSOLE_LOG_MAX)]
+    console_log_max: u64,
     /// Write the exit reason here as JSON when the VM ends.
     #[arg(long)]
     exit_json: Option<PathBuf>,
@@ -102,7 +107,7 @@ struct RunArgs {
 
 pub fn run(args: VmArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        VmCommand::Run(run) => run_vm(run),
+        VmCommand::Run(run) => run_vm(*run),
         VmCommand::VhostUserVsock(a) => {
             if a.guest_cid < 3 {
                 anyhow::bail!("--guest-cid {}: CIDs 0-2 are reserved", a.guest_cid);
@@ -121,8 +126,8 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = build_config(&args)?;
     config.validate()?;
     let reason = match args.hypervisor {
-        HypervisorKind::Qemu => run_qemu(&config, args.accel)?,
-        HypervisorKind::Builtin => run_builtin(&config)?,
+        HypervisorKind::Qemu => run_qemu(&config, args.accel, args.console_log_max)?,
+        HypervisorKind::Builtin => run_builtin(&config, args.console_log_max)?,
     };
     if let Some(path) = &args.exit_json {
         std::fs::write(path, serde_json::to_vec(&reason)?)
@@ -137,7 +142,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_qemu(config: &VmConfig, accel: Accel) -> anyhow::Result<ExitReason> {
+fn run_qemu(config: &VmConfig, accel: Accel, console_log_max: u64) -> anyhow::Result<ExitReason> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -147,7 +152,9 @@ fn run_qemu(config: &VmConfig, accel: Accel) -> anyhow::Result<ExitReason> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         // Started from this (main) thread: helpers die with us even on SIGKILL.
-        let hv = QemuHypervisor::discover(accel)?.die_with_parent(true);
+        let hv = QemuHypervisor::discover(accel)?
+            .die_with_parent(true)
+            .console_log_max(console_log_max);
         let vm = hv.start_vm(config).await?;
         let reason = tokio::select! {
             r = vm.wait() => r?,
@@ -158,8 +165,9 @@ fn run_qemu(config: &VmConfig, accel: Accel) -> anyhow::Result<ExitReason> {
     })
 }
 
-fn run_builtin(config: &VmConfig) -> anyhow::Result<ExitReason> {
-    vmpod_vmm::run_foreground(config).map_err(|e| {
+fn run_builtin(config: &VmConfig, console_log_max: u64) -> anyhow::Result<ExitReason> {
+    let opts = vmpod_vmm::RunOptions { console_log_max };
+    vmpod_vmm::run_foreground(config, &opts).map_err(|e| {
         if e.is_invalid_config() {
             anyhow::anyhow!("invalid VM config: {e}")
         } else {

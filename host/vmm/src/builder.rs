@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use linux_loader::loader::{elf::Elf, load_cmdline, Cmdline, KernelLoader};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmpod_runtime::hypervisor::console::DEFAULT_CONSOLE_LOG_MAX;
 use vmpod_runtime::hypervisor::{VmConfig, VsockBackend};
 
 use crate::arch::layout::{
@@ -15,7 +16,7 @@ use crate::arch::layout::{
     VIRTIO_MMIO_START,
 };
 use crate::arch::{bootparams, cpuid, mptable, regs};
-use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::bus::Bus;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, ConsoleSink, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -101,6 +102,8 @@ pub struct BuiltVm {
     pub io: Arc<IoBuses>,
     pub exit: Arc<ExitSignal>,
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The UART (also on `io.pio`): the run loop flushes its console log.
+    pub serial: Arc<Mutex<SerialDevice<File>>>,
     pub vsock_uds: PathBuf,
     pub cmdline: String,
 }
@@ -112,7 +115,22 @@ fn irq_line(vm: &dyn Vm, gsi: u32) -> Result<Arc<dyn IrqLine>, Error> {
     Ok(Arc::new(evt))
 }
 
-pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
+/// Knobs of one run that are not part of the guest's [`VmConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Cap on the guest output written to the console log (bytes).
+    pub console_log_max: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            console_log_max: DEFAULT_CONSOLE_LOG_MAX,
+        }
+    }
+}
+
+pub fn build(config: &VmConfig, opts: &RunOptions) -> Result<BuiltVm, Error> {
     let kvm = KvmHypervisor::new()?;
     config::validate(config, kvm.max_vcpus())?;
     let pvm = cmdline::host_is_pvm();
@@ -145,11 +163,11 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
             path: config.console_log.display().to_string(),
             source,
         })?;
-    let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialDevice::new(
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
         irq_line(vm.as_ref(), serial::COM1_IRQ)?,
-        ConsoleSink::new(log, exit.clone()),
+        ConsoleSink::new(log, opts.console_log_max, exit.clone()),
     )));
-    pio.insert(serial, serial::COM1_PORT, serial::PORT_LEN)?;
+    pio.insert(serial.clone(), serial::COM1_PORT, serial::PORT_LEN)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         i8042::I8042_PORT,
@@ -267,6 +285,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, Error> {
         io: Arc::new(IoBuses { pio, mmio }),
         exit,
         virtio,
+        serial,
         vsock_uds: config.vsock_uds.clone(),
         cmdline: line,
     })

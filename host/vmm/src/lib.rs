@@ -34,9 +34,10 @@ impl Error {
 /// Run one VM in the calling process until the guest powers off, reboots
 /// or crashes, or SIGTERM/SIGINT arrives (handled here: the VM is stopped
 /// and `Stopped` returned). The vsock socket is removed on return.
-pub fn run_foreground(config: &VmConfig) -> Result<ExitReason, Error> {
-    let vm = builder::build(config)?;
+pub fn run_foreground(config: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> {
+    let vm = builder::build(config, opts)?;
     Ok(vmm::run(vm)?)
 }
 
+pub use builder::RunOptions;
 pub use cmdline::host_is_pvm;

@@ -63,6 +63,7 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
         io,
         exit,
         virtio,
+        serial,
         vsock_uds,
         cmdline: _,
     } = vm;
@@ -162,6 +163,12 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
                     .device_mut()
                     .tick();
             }
+            // A partial line (a prompt) reaches the log within a tick.
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sink_mut()
+                .flush_log();
         }
     };
     tracing::info!(
@@ -172,6 +179,11 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
 
     stop.store(true, Ordering::SeqCst);
     join_vcpus(threads);
+    serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .sink_mut()
+        .finish();
     STOP_FD.store(-1, Ordering::SeqCst);
     for t in &virtio {
         let (name, stats) = t.lock().unwrap_or_else(|e| e.into_inner()).device().stats();

@@ -21,6 +21,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct BuiltinHypervisor {
     vmpod: PathBuf,
     die_with_parent: bool,
+    console_log_max: u64,
 }
 
 impl BuiltinHypervisor {
@@ -29,6 +30,7 @@ impl BuiltinHypervisor {
         BuiltinHypervisor {
             vmpod,
             die_with_parent: false,
+            console_log_max: super::console::DEFAULT_CONSOLE_LOG_MAX,
         }
     }
 
@@ -36,6 +38,13 @@ impl BuiltinHypervisor {
     /// dies (even by SIGKILL), as [`super::qemu::QemuHypervisor::die_with_parent`].
     pub fn die_with_parent(mut self, yes: bool) -> BuiltinHypervisor {
         self.die_with_parent = yes;
+        self
+    }
+
+    /// Cap on the guest output each VM writes to its console log (bytes),
+    /// as [`super::qemu::QemuHypervisor::console_log_max`].
+    pub fn console_log_max(mut self, bytes: u64) -> BuiltinHypervisor {
+        self.console_log_max = bytes;
         self
     }
 
@@ -67,6 +76,8 @@ impl BuiltinHypervisor {
             config_path.to_string_lossy().into_owned(),
             "--exit-json".into(),
             exit_path.to_string_lossy().into_owned(),
+            "--console-log-max".into(),
+            self.console_log_max.to_string(),
         ];
         let mut child = process::spawn(&self.vmpod, &args, &log, self.die_with_parent)?;
         process::wait_for_path(

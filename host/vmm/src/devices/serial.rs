@@ -1,6 +1,8 @@
 //! 8250/16550A UART at 0x3f8 (COM1, IRQ 4): guest console output to a log
 //! file. The register model is vm-superio's; we add the console sink, which
-//! also notices kernel panics so the VM's exit can say why the guest died.
+//! also notices kernel panics so the VM's exit can say why the guest died
+//! ([`classify`](vmpod_runtime::hypervisor::console::classify)), and caps
+//! and buffers the log.
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -10,15 +12,12 @@ use vm_superio::{Serial, Trigger};
 
 use super::bus::BusDevice;
 use super::{ExitSignal, IrqLine};
-use vmpod_runtime::hypervisor::console::{classify, ConsoleEvent};
+use vmpod_runtime::hypervisor::console::{ConsoleEvent, ConsoleLog};
 use vmpod_runtime::hypervisor::ExitReason;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const PORT_LEN: u64 = 8;
-
-/// Longest console line we keep for panic detection.
-const MAX_LINE: usize = 1024;
 
 pub struct SerialIrq(pub Arc<dyn IrqLine>);
 
@@ -29,60 +28,68 @@ impl Trigger for SerialIrq {
     }
 }
 
-/// Console sink: passes bytes through unbuffered (so a reader of the log
-/// sees each line as soon as the guest prints it) and watches for panics.
+/// Console sink: the runtime's [`ConsoleLog`] (line splitting, buffered
+/// and capped log writes, [`classify`]) wired to the VM's [`ExitSignal`].
 pub struct ConsoleSink<W: Write> {
-    out: W,
-    line: Vec<u8>,
+    log: ConsoleLog<W>,
     exit: Arc<ExitSignal>,
 }
 
 impl<W: Write> ConsoleSink<W> {
-    pub fn new(out: W, exit: Arc<ExitSignal>) -> Self {
+    /// Log to `out`, at most `max` bytes of guest output.
+    pub fn new(out: W, max: u64, exit: Arc<ExitSignal>) -> Self {
         Self {
-            out,
-            line: Vec::with_capacity(256),
+            log: ConsoleLog::new(out, max),
             exit,
         }
     }
 
-    /// One console line through the runtime's shared [`classify`].
-    fn end_of_line(&mut self) {
-        match classify(&String::from_utf8_lossy(&self.line)) {
+    /// What a console line means for the VM.
+    fn on_event(exit: &ExitSignal, ev: ConsoleEvent) {
+        match ev {
             // panic=-1 resets next (i8042 / triple fault): that reports it.
-            Some(ConsoleEvent::Panic(line)) => self.exit.note_panic(&line),
+            ConsoleEvent::Panic(line) => exit.note_panic(&line),
             // The kernel stopped for good (panic=0): nothing more will come.
-            Some(ConsoleEvent::PanicEnd(line)) => {
-                self.exit.note_panic(&line);
-                self.exit.request_reset();
+            ConsoleEvent::PanicEnd(line) => {
+                exit.note_panic(&line);
+                exit.request_reset();
             }
             // No ACPI in a microVM: after this the kernel halts forever.
-            Some(ConsoleEvent::PowerDown) => self.exit.request(ExitReason::PowerOff),
-            Some(ConsoleEvent::Restart) | None => {}
+            ConsoleEvent::PowerDown => exit.request(ExitReason::PowerOff),
+            ConsoleEvent::Restart => {}
         }
-        self.line.clear();
+    }
+
+    /// Write out a buffered partial line (the event loop's tick) .
+    pub fn flush_log(&mut self) {
+        self.log.flush();
+    }
+
+    /// The VM is stopping: classify an unterminated last line, write out
+    /// everything.
+    pub fn finish(&mut self) {
+        let exit = &self.exit;
+        self.log.finish(|ev| Self::on_event(exit, ev));
+    }
+
+    pub fn log(&self) -> &ConsoleLog<W> {
+        &self.log
     }
 }
 
 impl<W: Write> Write for ConsoleSink<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for &b in buf {
-            match b {
-                b'\n' => self.end_of_line(),
-                b'\r' => {}
-                _ if self.line.len() < MAX_LINE => self.line.push(b),
-                _ => {}
-            }
-        }
-        // A failing log must not stop the guest; count what we were given.
-        if let Err(e) = self.out.write_all(buf) {
-            tracing::warn!(error = %e, "console log write failed");
-        }
+        let exit = &self.exit;
+        self.log.feed(buf, |ev| Self::on_event(exit, ev));
+        // A failing log must not stop the guest; ConsoleLog reports it.
         Ok(buf.len())
     }
 
+    /// vm-superio flushes after every byte; the log is flushed at line
+    /// ends, when its buffer fills, by [`ConsoleSink::flush_log`] and on
+    /// exit instead.
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        Ok(())
     }
 }
 
@@ -100,6 +107,10 @@ impl<W: Write + Send> SerialDevice<W> {
 
     pub fn sink(&self) -> &ConsoleSink<W> {
         self.uart.writer()
+    }
+
+    pub fn sink_mut(&mut self) -> &mut ConsoleSink<W> {
+        self.uart.writer_mut()
     }
 }
 
@@ -136,8 +147,15 @@ mod tests {
     fn dev() -> (SerialDevice<Vec<u8>>, Arc<Count>, Arc<ExitSignal>) {
         let irq = Arc::new(Count::default());
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let d = SerialDevice::new(irq.clone(), ConsoleSink::new(Vec::new(), exit.clone()));
+        let d = SerialDevice::new(
+            irq.clone(),
+            ConsoleSink::new(Vec::new(), 1 << 20, exit.clone()),
+        );
         (d, irq, exit)
+    }
+
+    fn logged(d: &SerialDevice<Vec<u8>>) -> &[u8] {
+        d.sink().log().get_ref()
     }
 
     fn put(d: &mut SerialDevice<Vec<u8>>, s: &str) {
@@ -150,7 +168,13 @@ mod tests {
     fn data_register_writes_reach_the_log() {
         let (mut d, _, exit) = dev();
         put(&mut d, "hello\r\nworld");
-        assert_eq!(d.sink().out, b"hello\r\nworld");
+        assert_eq!(logged(&d), b"hello\r\n", "whole lines are written at once");
+        d.sink_mut().flush_log();
+        assert_eq!(
+            logged(&d),
+            b"hello\r\nworld",
+            "the tick writes a partial line"
+        );
         assert_eq!(exit.reason(), None);
     }
 
@@ -184,7 +208,8 @@ mod tests {
         d.write(0, &[0x03]);
         d.read(0, &mut b);
         assert_eq!(b[0], 0x03);
-        assert!(d.sink().out.is_empty(), "divisor write is not data");
+        d.sink_mut().flush_log();
+        assert!(logged(&d).is_empty(), "divisor write is not data");
         // Offsets out of range are ignored, empty accesses too.
         d.write(300, &[1]);
         d.write(0, &[]);
@@ -227,5 +252,31 @@ mod tests {
                 "Kernel panic - not syncing: Attempted to kill init!".into()
             ))
         );
+    }
+
+    #[test]
+    fn log_is_capped_but_the_power_off_after_the_cap_is_seen() {
+        let irq = Arc::new(Count::default());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut d = SerialDevice::new(irq, ConsoleSink::new(Vec::new(), 64, exit.clone()));
+        for _ in 0..100 {
+            put(&mut d, "a guest that prints without end\n");
+        }
+        put(&mut d, "[ 9.0] reboot: Power down\n");
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        let text = String::from_utf8_lossy(logged(&d)).to_string();
+        assert_eq!(d.sink().log().written(), 64);
+        assert!(text.contains("limit of 64 bytes reached"), "{text}");
+        assert!(text.len() < 64 + 120);
+    }
+
+    #[test]
+    fn unterminated_last_line_is_classified_at_finish() {
+        let (mut d, _, exit) = dev();
+        put(&mut d, "reboot: System halted");
+        assert_eq!(exit.reason(), None);
+        d.sink_mut().finish();
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(logged(&d), b"reboot: System halted");
     }
 }

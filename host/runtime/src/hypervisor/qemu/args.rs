@@ -15,6 +15,9 @@ pub enum EffectiveAccel {
 #[derive(Debug, Clone)]
 pub(crate) struct RunFiles {
     pub qmp: PathBuf,
+    /// Our listening socket QEMU connects the serial port to; the
+    /// supervisor writes what arrives to the (capped) console log.
+    pub console: PathBuf,
     pub vhost_vsock: PathBuf,
     /// One vhost-user socket per shared dir (same order as the config).
     pub fs: Vec<PathBuf>,
@@ -69,10 +72,7 @@ pub(crate) fn qemu_args(config: &VmConfig, accel: EffectiveAccel, files: &RunFil
         "none",
         "-no-reboot",
         "-chardev",
-        &format!(
-            "file,id=console,path={},append=on",
-            esc(&config.console_log)
-        ),
+        &format!("socket,id=console,path={}", esc(&files.console)),
         "-serial",
         "chardev:console",
         "-qmp",
@@ -164,6 +164,7 @@ mod tests {
     fn files() -> RunFiles {
         RunFiles {
             qmp: "/t/qmp.sock".into(),
+            console: "/t/a,b/console.sock".into(),
             vhost_vsock: "/t/vsock.sock".into(),
             fs: vec!["/t/fs0.sock".into()],
         }
@@ -186,7 +187,7 @@ mod tests {
         assert!(after(&args, "-M")[0].contains("acpi=off"));
         assert_eq!(
             after(&args, "-chardev")[0],
-            "file,id=console,path=/logs/a,,b.log,append=on"
+            "socket,id=console,path=/t/a,,b/console.sock"
         );
         assert_eq!(
             after(&args, "-append"),

@@ -13,6 +13,7 @@
 
 mod args;
 mod qmp;
+mod serial;
 mod vm;
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ pub use vm::QemuVm;
 use super::host::KvmFlavour;
 use super::process::{self, log_tail};
 use super::{tools, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
-use crate::hypervisor::console::ConsoleWatch;
+use crate::hypervisor::console::DEFAULT_CONSOLE_LOG_MAX;
 
 /// The `--accel` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,7 @@ pub struct QemuHypervisor {
     vsock_helper: (PathBuf, Vec<String>),
     virtiofsd: Option<PathBuf>,
     die_with_parent: bool,
+    console_log_max: u64,
 }
 
 const QEMU_BIN: &str = "qemu-system-x86_64";
@@ -102,6 +104,7 @@ impl QemuHypervisor {
             vsock_helper: vsock_helper()?,
             virtiofsd: tools::find(VIRTIOFSD_BIN),
             die_with_parent: false,
+            console_log_max: DEFAULT_CONSOLE_LOG_MAX,
         })
     }
 
@@ -109,6 +112,14 @@ impl QemuHypervisor {
     /// them dies (for CLIs that start VMs from their main thread).
     pub fn die_with_parent(mut self, yes: bool) -> QemuHypervisor {
         self.die_with_parent = yes;
+        self
+    }
+
+    /// Cap on the guest output each VM writes to its console log (bytes;
+    /// default [`DEFAULT_CONSOLE_LOG_MAX`]). Past it one line says so and
+    /// the rest is dropped; crash and power-off detection still see it.
+    pub fn console_log_max(mut self, bytes: u64) -> QemuHypervisor {
+        self.console_log_max = bytes;
         self
     }
 
@@ -145,6 +156,7 @@ impl QemuHypervisor {
         let dir = cleanup.dir().to_path_buf();
         let files = args::RunFiles {
             qmp: dir.join("qmp.sock"),
+            console: dir.join("console.sock"),
             vhost_vsock: dir.join("vsock.sock"),
             fs: (0..config.shared_dirs.len())
                 .map(|i| dir.join(format!("fs{i}.sock")))
@@ -197,11 +209,16 @@ impl QemuHypervisor {
             }
         }
 
-        let console = ConsoleWatch::new(&config.console_log);
+        let serial = serial::SerialListener::bind(&files.console)?;
         let qemu_log = dir.join("qemu.log");
         let argv = args::qemu_args(config, self.accel, &files);
         tracing::debug!(qemu = %self.qemu.display(), args = ?argv, "starting QEMU");
         let mut qemu = process::spawn(&self.qemu, &argv, &qemu_log, self.die_with_parent)?;
+        let stream = serial
+            .accept(&mut qemu, &qemu_log, Duration::from_secs(10))
+            .await?;
+        let console =
+            serial::SerialConsole::new(stream, &config.console_log, self.console_log_max)?;
         process::wait_for_path(
             &files.qmp,
             &mut qemu,

@@ -11,7 +11,8 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 
 use super::qmp::{Qmp, QmpMessage};
-use crate::hypervisor::console::{ConsoleEvent, ConsoleWatch};
+use super::serial::SerialConsole;
+use crate::hypervisor::console::ConsoleEvent;
 use crate::hypervisor::handle::SupervisedVm;
 use crate::hypervisor::process::{log_tail, terminate};
 use crate::hypervisor::{ExitReason, VmConfig};
@@ -52,7 +53,7 @@ pub(crate) struct Parts {
     pub qemu_log: PathBuf,
     pub qmp: Qmp,
     pub helpers: Vec<Helper>,
-    pub console: ConsoleWatch,
+    pub console: SerialConsole,
     pub cleanup: Cleanup,
 }
 
@@ -113,7 +114,7 @@ struct Supervisor {
     qemu_log: PathBuf,
     qmp: Option<Qmp>,
     helpers: Vec<Helper>,
-    console: ConsoleWatch,
+    console: SerialConsole,
     /// When we asked QEMU to quit (a stop request).
     stopping: Option<tokio::time::Instant>,
     power_down: bool,
@@ -146,20 +147,23 @@ impl Supervisor {
         exit_tx: watch::Sender<Option<ExitReason>>,
     ) {
         let mut tick = tokio::time::interval(POLL);
-        let reason = loop {
+        let status = loop {
             tokio::select! {
-                status = self.qemu.wait() => {
-                    break self.reason(status);
-                }
+                status = self.qemu.wait() => break Some(status),
                 req = stop_rx.recv() => match req {
                     Some(()) => self.request_quit(true).await,
                     None => {
                         // Handle dropped: end everything now.
                         let _ = self.qemu.start_kill();
                         let _ = self.qemu.wait().await;
-                        break ExitReason::Stopped;
+                        break None;
                     }
                 },
+                events = self.console.read() => {
+                    for ev in events {
+                        self.on_console(ev).await;
+                    }
+                }
                 msg = next_qmp(&mut self.qmp) => {
                     if let Some(QmpMessage::Event { name, data }) = msg {
                         self.on_event(&name, &data).await;
@@ -167,6 +171,20 @@ impl Supervisor {
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
+        };
+        // QEMU is gone: the rest of its output, and the last line.
+        for ev in self.console.drain().await {
+            match ev {
+                ConsoleEvent::Panic(line) | ConsoleEvent::PanicEnd(line) => {
+                    self.panic.get_or_insert(line);
+                }
+                ConsoleEvent::PowerDown => self.power_down = true,
+                ConsoleEvent::Restart => {}
+            }
+        }
+        let reason = match status {
+            Some(status) => self.reason(status),
+            None => ExitReason::Stopped,
         };
         for h in &mut self.helpers {
             terminate(&mut h.child, Duration::from_secs(2)).await;
@@ -226,9 +244,6 @@ impl Supervisor {
     }
 
     async fn on_tick(&mut self) {
-        for ev in self.console.poll() {
-            self.on_console(ev).await;
-        }
         let mut failed = None;
         for h in &mut self.helpers {
             if !h.exited {
@@ -292,15 +307,6 @@ impl Supervisor {
     }
 
     fn reason(&mut self, status: std::io::Result<ExitStatus>) -> ExitReason {
-        for ev in self.console.drain() {
-            match ev {
-                ConsoleEvent::Panic(line) | ConsoleEvent::PanicEnd(line) => {
-                    self.panic.get_or_insert(line);
-                }
-                ConsoleEvent::PowerDown => self.power_down = true,
-                _ => {}
-            }
-        }
         if let Some(p) = self.panic.take() {
             return ExitReason::Crashed(p);
         }

@@ -1,0 +1,63 @@
+//! The built-in VMM's console on this host's KVM (kernel mode only, so it
+//! runs on PVM hosts too): the user's `console=` does not take the serial
+//! port away, and the log cap holds while crash detection goes on past it.
+//!
+//! Needs: /dev/kvm, build/guest/vmlinux (make guest-kernel). Guest kernel
+//! mode is emulated on PVM hosts: one boot takes ~20-60 s.
+
+use std::time::Duration;
+
+use vmpod_runtime::hypervisor::ExitReason;
+use vmpod_tests::build_dir;
+use vmpod_tests::process::ChildGuard;
+use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `console=tty0` (a console this kernel does not even have) and a 4 KiB
+/// cap: the kernel cannot mount its root and panics far past 4 KiB of boot
+/// messages; the VMM still sees the panic line on ttyS0 (first on the
+/// command line) and reports the crash, and the log holds 4 KiB plus one
+/// notice.
+#[test]
+fn builtin_panic_seen_past_the_log_cap_with_another_console() {
+    if let Some(why) = vmpod_tests::device_unavailable("/dev/kvm") {
+        eprintln!("SKIP builtin_panic_seen_past_the_log_cap_with_another_console: {why}");
+        return;
+    }
+    const CAP: u64 = 4096;
+    let kernel = build_dir().join("guest/vmlinux");
+    assert!(kernel.exists(), "run `make guest-kernel` first");
+    let dir = tempfile::tempdir().unwrap();
+    let out = ChildGuard::spawn(
+        vm_run_command(dir.path())
+            .args(["--hypervisor", "builtin", "--memory-mib", "128"])
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--cmdline", "console=tty0 root=/dev/missing"])
+            .args(["--console-log-max", &CAP.to_string()])
+            .arg("--exit-json")
+            .arg(dir.path().join(EXIT_JSON)),
+    )
+    .wait_exit(TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(dir.path().join(CONSOLE_LOG)).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}\nconsole:\n{log}");
+    let reason = exit_reason(&dir.path().join(EXIT_JSON));
+    assert!(
+        matches!(&reason, ExitReason::Crashed(r)
+            if r.starts_with("Kernel panic - not syncing: VFS: Unable to mount root fs")),
+        "{reason:?}"
+    );
+    assert!(log.starts_with("[    0.000000] Linux version"), "{log}");
+    assert_eq!(
+        log.matches(&format!("console log limit of {CAP} bytes reached"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("Kernel panic"), "the panic is past the cap");
+    let len = log.len() as u64;
+    assert!(len > CAP && len <= CAP + 200, "{len} bytes");
+    assert!(!dir.path().join(VSOCK_UDS).exists());
+}
