@@ -6,6 +6,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::devfilter::{self, BpfInsn, DevRule};
+
 /// Controllers enabled for the pod parent and its leaves (those missing in
 /// the guest kernel are skipped).
 pub const CONTROLLERS: [&str; 5] = ["cpu", "memory", "pids", "io", "cpuset"];
@@ -28,6 +30,11 @@ pub trait CgroupFs: Send + Sync {
     }
     fn rmdir(&self, rel: &Path) -> io::Result<()> {
         std::fs::remove_dir(self.root().join(rel))
+    }
+    /// Attach `prog` as the cgroup's device filter, replacing the one
+    /// attached before.
+    fn set_device_filter(&self, rel: &Path, prog: &[BpfInsn]) -> io::Result<()> {
+        devfilter::attach(&self.root().join(rel), prog)
     }
 }
 
@@ -95,6 +102,13 @@ pub fn setup_pod_parent(fs: &dyn CgroupFs) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Controllers the containers' leaves get (the pod parent's
+/// `cgroup.subtree_control`); `None` if that cannot be read.
+pub fn leaf_controllers(fs: &dyn CgroupFs) -> Option<String> {
+    fs.read(Path::new(POD_PARENT), "cgroup.subtree_control")
+        .ok()
+}
+
 /// One container's leaf cgroup.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
@@ -113,15 +127,21 @@ impl Cgroup {
         &self.rel
     }
 
-    /// Make the leaf and write its limits; a limit the kernel refuses
-    /// (unknown file, CPU the guest lacks, ...) removes the leaf again.
+    /// Make the leaf, write its limits and attach its device filter (when
+    /// the spec has a device list); a limit the kernel refuses (unknown
+    /// file, CPU the guest lacks, ...) removes the leaf again.
     pub fn create(
         &self,
         fs: &dyn CgroupFs,
         writes: &[(String, String)],
+        devices: Option<&[DevRule]>,
     ) -> Result<(), CgroupError> {
         fs.mkdir(&self.rel).map_err(err(&self.rel, "mkdir", ""))?;
-        self.apply(fs, writes).inspect_err(|_| {
+        let set = self.apply(fs, writes).and_then(|()| match devices {
+            Some(rules) => self.set_devices(fs, rules),
+            None => Ok(()),
+        });
+        set.inspect_err(|_| {
             // Nothing runs in it yet, so a plain rmdir does.
             if let Err(e) = fs.rmdir(&self.rel) {
                 tracing::warn!(cgroup = %self.rel.display(), error = %e, "remove cgroup after failed create");
@@ -141,6 +161,12 @@ impl Cgroup {
                 .map_err(err(&self.rel, "write", file))?;
         }
         Ok(())
+    }
+
+    /// Replace the device filter with one for `rules`.
+    pub fn set_devices(&self, fs: &dyn CgroupFs, rules: &[DevRule]) -> Result<(), CgroupError> {
+        fs.set_device_filter(&self.rel, &devfilter::program(rules))
+            .map_err(err(&self.rel, "attach", "device filter"))
     }
 
     pub fn add_pid(&self, fs: &dyn CgroupFs, pid: i32) -> Result<(), CgroupError> {
@@ -236,6 +262,7 @@ mod tests {
                 ("memory.max".into(), "33554432".into()),
                 ("pids.max".into(), "10".into()),
             ],
+            None,
         )
         .unwrap();
         let leaf = dir.path().join("vmpod/c1");
@@ -264,7 +291,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = DirCgroupFs::new(dir.path());
         let cg = Cgroup::for_container("missing-parent");
-        let e = cg.create(&fs, &[]).unwrap_err().to_string();
+        let e = cg.create(&fs, &[], None).unwrap_err().to_string();
         assert!(e.contains("vmpod/missing-parent"), "{e}");
     }
 
@@ -290,6 +317,9 @@ mod tests {
                 Err(io::ErrorKind::NotFound.into())
             }
         }
+        fn set_device_filter(&self, _rel: &Path, _prog: &[BpfInsn]) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
     }
 
     #[test]
@@ -304,11 +334,25 @@ mod tests {
             ("memory.max".to_string(), "1048576".to_string()),
             ("cpuset.cpus".to_string(), "7".to_string()),
         ];
-        let e = cg.create(&fs, &writes).unwrap_err().to_string();
+        let e = cg.create(&fs, &writes, None).unwrap_err().to_string();
         assert!(e.contains("cpuset.cpus"), "{e}");
         assert!(!fs.root().join("vmpod/c1").exists(), "leaf left behind");
+        // a device filter the kernel refuses removes it too
+        let rules = [DevRule {
+            allow: true,
+            kind: None,
+            major: None,
+            minor: Some(3),
+            access: devfilter::ACC_READ,
+        }];
+        let e = cg
+            .create(&fs, &writes[..1], Some(&rules))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device filter"), "{e}");
+        assert!(!fs.root().join("vmpod/c1").exists(), "leaf left behind");
         // and a create that succeeds keeps it
-        cg.create(&fs, &writes[..1]).unwrap();
+        cg.create(&fs, &writes[..1], None).unwrap();
         assert!(fs.root().join("vmpod/c1").is_dir());
     }
 

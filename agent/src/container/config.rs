@@ -18,7 +18,7 @@ pub struct StageConfig {
 pub enum StageMode {
     /// A container's init: fresh namespaces (created by clone), set up the
     /// rootfs and mounts.
-    Init(RootfsConfig),
+    Init(Box<RootfsConfig>),
     /// An extra process joining a running container's namespaces.
     Exec {
         /// Namespace files (`/proc/<init>/ns/<kind>`) to join, in order.
@@ -42,6 +42,29 @@ pub struct RootfsConfig {
     pub populate_dev: bool,
     /// Existing namespaces (ipc/uts/cgroup files) to join first.
     pub join_namespaces: Vec<String>,
+    /// Device nodes to create (`linux.devices`), after /dev is set up.
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+    /// Propagation of the container's `/` (`linux.rootfsPropagation`,
+    /// `MS_SHARED`/`MS_SLAVE`/`MS_PRIVATE`/`MS_UNBINDABLE` [| `MS_REC`]);
+    /// 0 = leave it private.
+    #[serde(default)]
+    pub rootfs_propagation: u64,
+}
+
+/// One device node (`linux.devices`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    /// Absolute path in the container.
+    pub path: String,
+    /// `c` (character), `b` (block) or `p` (FIFO).
+    pub kind: char,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +94,9 @@ pub struct ProcessConfig {
     /// Seccomp BPF programs (compiled by the agent), installed in order
     /// right before exec; empty = no filter.
     pub seccomp: Vec<Vec<SockFilter>>,
+    /// `SECCOMP_FILTER_FLAG_*` for seccomp(2) when installing them.
+    #[serde(default)]
+    pub seccomp_flags: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

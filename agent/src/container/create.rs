@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
 
-use super::cgroup::Cgroup;
+use super::cgroup::{leaf_controllers, Cgroup};
 use super::config::StageMode;
 use super::process::{launch, Launch};
 use super::{spec, validate_id, Container};
@@ -52,9 +52,21 @@ fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Contain
         stage.process.user.username = Some(u);
     }
     let ns = spec::namespaces(&oci).map_err(bad)?;
-    let writes = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-        Some(r) => spec::cgroup_writes(r).map_err(bad)?,
-        None => Vec::new(),
+    let ignored = spec::ignored_fields(&oci);
+    if !ignored.is_empty() {
+        tracing::info!(container = %id, fields = ?ignored, "security labels ignored: the guest has no AppArmor or SELinux");
+    }
+    let (writes, devices) = match oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        Some(r) => {
+            if let Some(available) = leaf_controllers(agent.cgroups.as_ref()) {
+                spec::check_controllers(r, &available).map_err(bad)?;
+            }
+            (
+                spec::cgroup_writes(r).map_err(bad)?,
+                spec::device_rules(r).map_err(bad)?,
+            )
+        }
+        None => (Vec::new(), None),
     };
     let StageMode::Init(root) = &stage.mode else {
         return Err(AgentError::Internal("init stage expected".into()));
@@ -69,7 +81,7 @@ fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Contain
     let cgroup = Cgroup::for_container(id);
     let cgfs = agent.cgroups.as_ref();
     cgroup
-        .create(cgfs, &writes)
+        .create(cgfs, &writes, devices.as_deref())
         .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: {e}")))?;
     let init_process = stage.process.clone();
     let pid_ns = match &ns.pid_path {

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod config;
 pub mod create;
 pub mod delete;
+pub mod devfilter;
 pub mod exec;
 pub mod kill;
 pub mod process;

@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator};
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator,
+};
 use serde_json::{json, Value};
 
 use super::config::SockFilter;
@@ -22,6 +24,52 @@ pub enum SeccompError {
     Action(String),
     #[error("compiling seccomp filter: {0}")]
     Compile(String),
+    #[error(
+        "linux.seccomp.architectures {0:?} does not include SCMP_ARCH_X86_64, the guest's architecture"
+    )]
+    Arch(Vec<String>),
+    #[error("linux.seccomp.flags: {0}")]
+    Flag(String),
+}
+
+/// The profile must cover the guest's architecture (x86_64; an empty list
+/// means the native one). Other entries are accepted and have no effect:
+/// x86 (32-bit) and x32 are ABIs the guest kernel does not run
+/// (no IA32_EMULATION, no X32_ABI), others are foreign.
+pub fn check_architectures(profile: &LinuxSeccomp) -> Result<(), SeccompError> {
+    match profile.architectures().as_deref() {
+        None | Some([]) => Ok(()),
+        Some(list)
+            if list
+                .iter()
+                .any(|a| matches!(a, Arch::ScmpArchX86_64 | Arch::ScmpArchNative)) =>
+        {
+            Ok(())
+        }
+        Some(list) => Err(SeccompError::Arch(
+            list.iter().map(|a| a.to_string()).collect(),
+        )),
+    }
+}
+
+/// `SECCOMP_FILTER_FLAG_*` bits for the profile's flags.
+pub fn filter_flags(profile: &LinuxSeccomp) -> Result<u32, SeccompError> {
+    let mut bits = 0;
+    for f in profile.flags().as_deref().unwrap_or_default() {
+        bits |= match f {
+            LinuxSeccompFilterFlag::SeccompFilterFlagTsync => libc::SECCOMP_FILTER_FLAG_TSYNC,
+            LinuxSeccompFilterFlag::SeccompFilterFlagLog => libc::SECCOMP_FILTER_FLAG_LOG,
+            LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => {
+                libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+            }
+            LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => {
+                return Err(SeccompError::Flag(format!(
+                    "{f} only applies to SCMP_ACT_NOTIFY listeners, which are not supported"
+                )))
+            }
+        } as u32;
+    }
+    Ok(bits)
 }
 
 fn action_json(
@@ -62,6 +110,7 @@ fn op_json(op: LinuxSeccompOperator, value_two: Option<u64>) -> Value {
 /// Compile the profile; syscalls unknown to the x86_64 table are skipped
 /// (profiles list syscalls of newer kernels and other architectures).
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Vec<SockFilter>>, SeccompError> {
+    check_architectures(profile)?;
     let default = profile.default_action();
     let default_json = action_json(default, profile.default_errno_ret(), None)?;
     // action JSON (as string key) → rules
@@ -210,5 +259,59 @@ mod tests {
         )
         .unwrap();
         assert!(compile(&p).is_err());
+    }
+
+    #[test]
+    fn architectures() {
+        let p = |archs: &str| -> LinuxSeccomp {
+            serde_json::from_str(&format!(
+                r#"{{"defaultAction":"SCMP_ACT_ALLOW","architectures":{archs},
+                    "syscalls":[{{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}}]}}"#
+            ))
+            .unwrap()
+        };
+        // Docker's default profile lists x86_64 with x86 and x32.
+        assert!(compile(&p(
+            r#"["SCMP_ARCH_X86_64","SCMP_ARCH_X86","SCMP_ARCH_X32"]"#
+        ))
+        .is_ok());
+        assert!(compile(&p("[]")).is_ok());
+        assert!(compile(&p(r#"["SCMP_ARCH_NATIVE"]"#)).is_ok());
+        for bad in [
+            r#"["SCMP_ARCH_X86","SCMP_ARCH_X32"]"#,
+            r#"["SCMP_ARCH_AARCH64"]"#,
+        ] {
+            let e = compile(&p(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("linux.seccomp.architectures") && e.contains("SCMP_ARCH_X86_64"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags() {
+        let p = |flags: &str| -> LinuxSeccomp {
+            serde_json::from_str(&format!(
+                r#"{{"defaultAction":"SCMP_ACT_ALLOW","flags":{flags}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(filter_flags(&p("[]")).unwrap(), 0);
+        assert_eq!(
+            filter_flags(&p(
+                r#"["SECCOMP_FILTER_FLAG_LOG","SECCOMP_FILTER_FLAG_SPEC_ALLOW"]"#
+            ))
+            .unwrap(),
+            (libc::SECCOMP_FILTER_FLAG_LOG | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW) as u32
+        );
+        assert_eq!(
+            filter_flags(&p(r#"["SECCOMP_FILTER_FLAG_TSYNC"]"#)).unwrap(),
+            libc::SECCOMP_FILTER_FLAG_TSYNC as u32
+        );
+        let e = filter_flags(&p(r#"["SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("linux.seccomp.flags"), "{e}");
     }
 }

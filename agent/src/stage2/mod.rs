@@ -153,7 +153,7 @@ fn run(status: &mut File) -> StageResult<Never> {
     // CAP_SYS_ADMIN, which a non-root user is about to lose: install first.
     if !p.no_new_privs {
         for prog in &p.seccomp {
-            install_seccomp(prog)?;
+            install_seccomp(prog, p.seccomp_flags)?;
         }
     }
     identity::apply(&ids, p)?;
@@ -242,14 +242,16 @@ fn exec(exe: &str, p: &ProcessConfig, env: &[String]) -> StageResult<Never> {
     let envs: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<StageResult<_>>()?;
     if p.no_new_privs {
         for prog in &p.seccomp {
-            install_seccomp(prog)?;
+            install_seccomp(prog, p.seccomp_flags)?;
         }
     }
     let e = nix::unistd::execve(&path, &args, &envs).unwrap_err();
     Err(format!("exec {exe:?}: {e}"))
 }
 
-fn install_seccomp(prog: &[crate::container::config::SockFilter]) -> StageResult<()> {
+/// seccomp(2) SECCOMP_SET_MODE_FILTER with the profile's flags
+/// (`SECCOMP_FILTER_FLAG_*`).
+fn install_seccomp(prog: &[crate::container::config::SockFilter], flags: u32) -> StageResult<()> {
     let filters: Vec<libc::sock_filter> = prog
         .iter()
         .map(|f| libc::sock_filter {
@@ -266,12 +268,11 @@ fn install_seccomp(prog: &[crate::container::config::SockFilter]) -> StageResult
     // SAFETY: fprog points at a live, well-formed program. Without
     // no_new_privs this needs CAP_SYS_ADMIN, which root has until exec.
     let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const _ as libc::c_ulong,
-            0,
-            0,
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER as libc::c_ulong,
+            flags as libc::c_ulong,
+            &fprog as *const libc::sock_fprog,
         )
     };
     if rc < 0 {

@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 
 use super::{Context, StageResult};
-use crate::container::config::{MountConfig, RootfsConfig};
+use crate::container::config::{DeviceConfig, MountConfig, RootfsConfig};
 
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -41,10 +41,25 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
         do_mount(root, m)?;
     }
     if cfg.populate_dev {
-        populate_dev(root)?;
+        populate_dev(root, &cfg.devices)?;
+    }
+    for d in &cfg.devices {
+        make_device(root, d)?;
     }
     std::env::set_current_dir(root).ctx(|| "chdir rootfs".into())?;
     enter_root()?;
+    if cfg.rootfs_propagation != 0 {
+        // Every mount of this namespace was made private first, so a
+        // shared root only makes a peer group inside the container.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::from_bits_truncate(cfg.rootfs_propagation),
+            None::<&str>,
+        )
+        .ctx(|| "rootfs propagation".into())?;
+    }
 
     for (k, v) in &cfg.sysctls {
         let path = format!("/proc/sys/{}", k.replace('.', "/"));
@@ -169,11 +184,14 @@ fn do_mount(root: &Path, m: &MountConfig) -> StageResult<()> {
     Ok(())
 }
 
-/// /dev is a fresh tmpfs: bind the guest's basic device nodes and add the
-/// usual links.
-fn populate_dev(root: &Path) -> StageResult<()> {
+/// /dev is a fresh tmpfs: bind the guest's basic device nodes (those the
+/// spec does not list itself) and add the usual links.
+fn populate_dev(root: &Path, listed: &[DeviceConfig]) -> StageResult<()> {
     let dev = root.join("dev");
     for d in DEVICES {
+        if listed.iter().any(|l| l.path == format!("/dev/{d}")) {
+            continue;
+        }
         let target = dev.join(d);
         if !target.exists() {
             std::fs::File::create(&target).ctx(|| format!("create /dev/{d}"))?;
@@ -202,6 +220,61 @@ fn populate_dev(root: &Path) -> StageResult<()> {
         }
     }
     Ok(())
+}
+
+/// One `linux.devices` node: mknod with the spec's type, numbers, mode
+/// and owner. A node already there (a bind-mounted /dev) must be the same
+/// device.
+fn make_device(root: &Path, d: &DeviceConfig) -> StageResult<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let path = in_root(root, &d.path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).ctx(|| format!("mkdir for device {}", d.path))?;
+    }
+    let kind = match d.kind {
+        'c' => SFlag::S_IFCHR,
+        'b' => SFlag::S_IFBLK,
+        'p' => SFlag::S_IFIFO,
+        k => return Err(format!("device {}: unknown type {k:?}", d.path)),
+    };
+    let rdev = makedev(u64::from(d.major), u64::from(d.minor));
+    let mode = Mode::from_bits_truncate(d.mode);
+    match mknod(&path, kind, mode, rdev) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => {
+            let m = std::fs::symlink_metadata(&path).ctx(|| format!("device {}", d.path))?;
+            let t = m.file_type();
+            let same_type = match d.kind {
+                'c' => t.is_char_device(),
+                'b' => t.is_block_device(),
+                _ => t.is_fifo(),
+            };
+            if !same_type || (d.kind != 'p' && m.rdev() != rdev) {
+                return Err(format!(
+                    "device {}: a different file is already there",
+                    d.path
+                ));
+            }
+        }
+        Err(e) => return Err(format!("mknod device {}: {e}", d.path)),
+    }
+    // mknod's mode went through the umask.
+    nix::sys::stat::fchmodat(
+        None,
+        &path,
+        mode,
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .ctx(|| format!("chmod device {}", d.path))?;
+    nix::unistd::fchownat(
+        None,
+        &path,
+        Some(nix::unistd::Uid::from_raw(d.uid)),
+        Some(nix::unistd::Gid::from_raw(d.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ctx(|| format!("chown device {}", d.path))
 }
 
 fn mask(p: &str) -> StageResult<()> {

@@ -4,9 +4,16 @@
 use std::collections::BTreeMap;
 
 use nix::mount::MsFlags;
-use oci_spec::runtime::{
-    LinuxCapabilities, LinuxNamespaceType, LinuxResources, Mount, PosixRlimit, Process, Spec,
-};
+use oci_spec::runtime::{LinuxCapabilities, LinuxNamespaceType, PosixRlimit, Process, Spec};
+
+mod devices;
+mod mounts;
+mod resources;
+
+pub use devices::{device_rules, devices};
+use mounts::default_mount;
+pub use mounts::{mount_config, parse_mount_options, propagation_flags};
+pub use resources::{cgroup_writes, check_controllers};
 
 use super::config::{
     CapsConfig, MountConfig, ProcessConfig, RlimitConfig, RootfsConfig, StageConfig, StageMode,
@@ -34,6 +41,58 @@ pub enum SpecError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A named spec field is invalid or cannot be honoured here.
+    #[error("{0}: {1}")]
+    Field(String, String),
+}
+
+/// OCI hooks run in the runtime's namespaces — here the guest, which has
+/// none of the host's binaries — so a spec with any is refused rather than
+/// run without them.
+pub fn check_hooks(spec: &Spec) -> Result<(), SpecError> {
+    let Some(h) = spec.hooks() else {
+        return Ok(());
+    };
+    let kinds = [
+        ("prestart", h.prestart()),
+        ("createRuntime", h.create_runtime()),
+        ("createContainer", h.create_container()),
+        ("startContainer", h.start_container()),
+        ("poststart", h.poststart()),
+        ("poststop", h.poststop()),
+    ];
+    for (name, list) in kinds {
+        if list.as_ref().is_some_and(|l| !l.is_empty()) {
+            return Err(SpecError::Field(
+                format!("hooks.{name}"),
+                "OCI hooks are not supported: they would run inside the guest, \
+                 which has no host binaries"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Security labels the guest cannot apply (it has no AppArmor or SELinux):
+/// accepted and ignored; the caller logs them. The VM boundary is the
+/// isolation these would add to.
+pub fn ignored_fields(spec: &Spec) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if let Some(p) = spec.process() {
+        if p.apparmor_profile().as_ref().is_some_and(|a| !a.is_empty()) {
+            v.push("process.apparmorProfile");
+        }
+        if p.selinux_label().as_ref().is_some_and(|a| !a.is_empty()) {
+            v.push("process.selinuxLabel");
+        }
+    }
+    if let Some(l) = spec.linux() {
+        if l.mount_label().as_ref().is_some_and(|a| !a.is_empty()) {
+            v.push("linux.mountLabel");
+        }
+    }
+    v
 }
 
 /// How a container's init gets its namespaces.
@@ -112,6 +171,7 @@ fn has_ns(spec: &Spec, typ: LinuxNamespaceType) -> bool {
 
 /// Translate a container's spec into the init stage configuration.
 pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageConfig, SpecError> {
+    check_hooks(spec)?;
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let root = match rootfs_override {
         Some(r) if !r.is_empty() => r.to_string(),
@@ -196,33 +256,27 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
             }),
         populate_dev,
         join_namespaces: namespaces(spec)?.join_paths,
+        devices: devices(spec)?,
+        rootfs_propagation: match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
+            None | Some("") => 0,
+            Some(p) => propagation_flags(p).ok_or_else(|| {
+                SpecError::Field(
+                    "linux.rootfsPropagation".into(),
+                    format!("{p:?} is not one of [r]shared, [r]slave, [r]private, [r]unbindable"),
+                )
+            })?,
+        },
     };
-    let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-        Some(s) => seccomp::compile(s)?,
-        None => Vec::new(),
+    let (seccomp, seccomp_flags) = match linux.and_then(|l| l.seccomp().as_ref()) {
+        Some(s) => (seccomp::compile(s)?, seccomp::filter_flags(s)?),
+        None => (Vec::new(), 0),
     };
+    let mut process = process_config(process, seccomp)?;
+    process.seccomp_flags = seccomp_flags;
     Ok(StageConfig {
-        mode: StageMode::Init(rootfs),
-        process: process_config(process, seccomp)?,
+        mode: StageMode::Init(Box::new(rootfs)),
+        process,
     })
-}
-
-fn default_mount(dest: &str, source: &str, fstype: &str, data: &str) -> MountConfig {
-    MountConfig {
-        destination: dest.into(),
-        source: source.into(),
-        fstype: fstype.into(),
-        flags: (MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV).bits()
-            & if fstype == "tmpfs" && dest == "/dev" {
-                !MsFlags::MS_NODEV.bits() & !MsFlags::MS_NOEXEC.bits()
-            } else if fstype == "devpts" {
-                !MsFlags::MS_NODEV.bits()
-            } else {
-                u64::MAX
-            },
-        propagation: 0,
-        data: data.into(),
-    }
 }
 
 pub fn process_config(
@@ -258,6 +312,7 @@ pub fn process_config(
         rlimits,
         oom_score_adj: p.oom_score_adj(),
         seccomp,
+        seccomp_flags: 0,
     })
 }
 
@@ -314,174 +369,15 @@ fn rlimit_config(r: &PosixRlimit) -> Result<RlimitConfig, SpecError> {
     })
 }
 
-/// Translate one OCI mount; options become `MS_*` flags, propagation flags
-/// and the remaining data string.
-pub fn mount_config(m: &Mount) -> Result<MountConfig, SpecError> {
-    let dest = m.destination().to_string_lossy().into_owned();
-    if !dest.starts_with('/') || dest.split('/').any(|c| c == "..") {
-        return Err(SpecError::BadMountDestination(dest));
-    }
-    let mut fstype = m.typ().clone().unwrap_or_default();
-    let (flags, propagation, data) =
-        parse_mount_options(m.options().as_deref().unwrap_or_default());
-    if fstype.is_empty() && flags & MsFlags::MS_BIND.bits() != 0 {
-        fstype = "bind".into();
-    }
-    Ok(MountConfig {
-        destination: dest,
-        source: m
-            .source()
-            .as_ref()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        fstype,
-        flags,
-        propagation,
-        data,
-    })
-}
-
-pub fn parse_mount_options(opts: &[String]) -> (u64, u64, String) {
-    let mut flags = MsFlags::empty();
-    let mut prop = MsFlags::empty();
-    let mut data: Vec<&str> = Vec::new();
-    for o in opts {
-        let (set, clear) = match o.as_str() {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
-            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
-            | "runbindable" => {
-                let p = match o.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "shared" => MsFlags::MS_SHARED,
-                    "slave" => MsFlags::MS_SLAVE,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                prop = p | if o.starts_with('r') {
-                    MsFlags::MS_REC
-                } else {
-                    MsFlags::empty()
-                };
-                continue;
-            }
-            other => {
-                data.push(other);
-                continue;
-            }
-        };
-        flags |= set;
-        flags &= !clear;
-    }
-    (flags.bits(), prop.bits(), data.join(","))
-}
-
-/// cgroup v2 interface files to write for the spec's resources, in order.
-pub fn cgroup_writes(r: &LinuxResources) -> Result<Vec<(String, String)>, SpecError> {
-    let mut w = Vec::new();
-    if let Some(mem) = r.memory() {
-        if let Some(limit) = mem.limit() {
-            w.push(("memory.max".into(), limit_value(limit)));
-            if let Some(swap) = mem.swap() {
-                // OCI's swap is memory+swap; cgroup v2 wants swap alone.
-                let v = if swap < 0 || limit < 0 {
-                    "max".to_string()
-                } else if swap < limit {
-                    return Err(SpecError::BadResource(format!(
-                        "memory.swap ({swap}) lower than memory.limit ({limit})"
-                    )));
-                } else {
-                    (swap - limit).to_string()
-                };
-                w.push(("memory.swap.max".into(), v));
-            }
-        }
-        if let Some(res) = mem.reservation() {
-            w.push(("memory.low".into(), limit_value(res)));
-        }
-    }
-    if let Some(cpu) = r.cpu() {
-        if let Some(shares) = cpu.shares() {
-            if shares > 0 {
-                w.push(("cpu.weight".into(), shares_to_weight(shares).to_string()));
-            }
-        }
-        if cpu.quota().is_some() || cpu.period().is_some() {
-            let period = cpu.period().unwrap_or(100_000);
-            let quota = match cpu.quota() {
-                Some(q) if q > 0 => q.to_string(),
-                _ => "max".into(),
-            };
-            w.push(("cpu.max".into(), format!("{quota} {period}")));
-        }
-        if let Some(cpus) = cpu.cpus().as_ref().filter(|s| !s.is_empty()) {
-            w.push(("cpuset.cpus".into(), cpus.clone()));
-        }
-        if let Some(mems) = cpu.mems().as_ref().filter(|s| !s.is_empty()) {
-            w.push(("cpuset.mems".into(), mems.clone()));
-        }
-    }
-    if let Some(pids) = r.pids() {
-        w.push(("pids.max".into(), limit_value(pids.limit())));
-    }
-    if let Some(unified) = r.unified() {
-        let mut keys: Vec<_> = unified.iter().collect();
-        keys.sort();
-        for (k, v) in keys {
-            if k.contains('/') || k.starts_with('.') || !k.contains('.') {
-                return Err(SpecError::BadResource(format!("unified key {k:?}")));
-            }
-            // cgroup core files are not limits: `cgroup.procs` would move
-            // any process (the agent itself) into the container's cgroup,
-            // `cgroup.kill` would kill it, `cgroup.subtree_control`/`type`
-            // would break the leaf.
-            if k.starts_with("cgroup.") {
-                return Err(SpecError::BadResource(format!(
-                    "unified key {k:?}: cgroup core files cannot be set"
-                )));
-            }
-            w.push((k.clone(), v.clone()));
-        }
-    }
-    Ok(w)
-}
-
-fn limit_value(v: i64) -> String {
-    if v <= 0 {
-        "max".into()
-    } else {
-        v.to_string()
-    }
-}
-
-/// cpu.shares (2..262144) → cpu.weight (1..10000), as runc/crun convert.
-pub fn shares_to_weight(shares: u64) -> u64 {
-    let s = shares.clamp(2, 262_144);
-    1 + ((s - 2) * 9999) / 262_142
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn spec(json: &str) -> Spec {
+    pub(crate) fn spec(json: &str) -> Spec {
         serde_json::from_str(json).unwrap()
     }
 
-    const BASE: &str = r#"{
+    pub(crate) const BASE: &str = r#"{
         "ociVersion": "1.0.2",
         "process": {"args": ["sh", "-c", "echo hi"], "cwd": "/", "env": ["PATH=/bin"],
                     "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]},
@@ -551,45 +447,6 @@ mod tests {
     }
 
     #[test]
-    fn mount_options() {
-        let (f, p, d) = parse_mount_options(&[
-            "rbind".into(),
-            "ro".into(),
-            "nosuid".into(),
-            "rslave".into(),
-            "size=10m".into(),
-            "mode=755".into(),
-        ]);
-        let f = MsFlags::from_bits_truncate(f);
-        assert!(f.contains(
-            MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
-        ));
-        assert_eq!(
-            MsFlags::from_bits_truncate(p),
-            MsFlags::MS_SLAVE | MsFlags::MS_REC
-        );
-        assert_eq!(d, "size=10m,mode=755");
-        let (f, _, _) = parse_mount_options(&["ro".into(), "rw".into()]);
-        assert!(!MsFlags::from_bits_truncate(f).contains(MsFlags::MS_RDONLY));
-    }
-
-    #[test]
-    fn bad_mount_destination() {
-        let m: Mount = serde_json::from_str(
-            r#"{"destination":"/a/../../etc","type":"tmpfs","source":"tmpfs"}"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            mount_config(&m),
-            Err(SpecError::BadMountDestination(_))
-        ));
-        let m: Mount =
-            serde_json::from_str(r#"{"destination":"rel","type":"tmpfs","source":"tmpfs"}"#)
-                .unwrap();
-        assert!(mount_config(&m).is_err());
-    }
-
-    #[test]
     fn namespace_plans() {
         let p = namespaces(&spec(BASE)).unwrap();
         assert_eq!(
@@ -621,53 +478,78 @@ mod tests {
     }
 
     #[test]
-    fn resources_to_cgroup_files() {
-        let s = spec(BASE);
-        let r = s.linux().as_ref().unwrap().resources().as_ref().unwrap();
-        let w = cgroup_writes(r).unwrap();
-        let get = |k: &str| w.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("memory.max"), Some("33554432"));
-        assert_eq!(get("memory.swap.max"), Some("33554432"));
-        assert_eq!(get("cpu.max"), Some("50000 100000"));
-        assert_eq!(get("cpu.weight"), Some("39"));
-        assert_eq!(get("pids.max"), Some("64"));
+    fn hooks_are_refused_by_name() {
+        let hook = r#"[{"path":"/usr/bin/true"}]"#;
+        for kind in [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop",
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+            v["hooks"] = serde_json::json!({ kind: serde_json::from_str::<serde_json::Value>(hook).unwrap() });
+            let s: Spec = serde_json::from_value(v).unwrap();
+            let e = init_stage(&s, None).unwrap_err().to_string();
+            assert!(e.contains(&format!("hooks.{kind}")), "{kind}: {e}");
+        }
+        // Empty lists are nothing to run.
+        let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+        v["hooks"] = serde_json::json!({"prestart": [], "poststop": []});
+        let s: Spec = serde_json::from_value(v).unwrap();
+        assert!(init_stage(&s, None).is_ok());
     }
 
     #[test]
-    fn resources_unlimited_and_unified() {
-        let r: LinuxResources = serde_json::from_str(
-            r#"{"memory":{"limit":-1},"cpu":{"period":100000},"pids":{"limit":0},
-                "unified":{"memory.high":"1000000","io.weight":"50"}}"#,
-        )
-        .unwrap();
-        let w = cgroup_writes(&r).unwrap();
+    fn security_labels_are_ignored_and_reported() {
+        let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+        assert!(ignored_fields(&serde_json::from_value(v.clone()).unwrap()).is_empty());
+        v["process"]["apparmorProfile"] = "cri-containerd.apparmor.d".into();
+        v["process"]["selinuxLabel"] = "system_u:system_r:container_t:s0".into();
+        v["linux"]["mountLabel"] = "system_u:object_r:container_file_t:s0".into();
+        let s: Spec = serde_json::from_value(v).unwrap();
         assert_eq!(
-            w,
-            vec![
-                ("memory.max".to_string(), "max".to_string()),
-                ("cpu.max".into(), "max 100000".into()),
-                ("pids.max".into(), "max".into()),
-                ("io.weight".into(), "50".into()),
-                ("memory.high".into(), "1000000".into()),
+            ignored_fields(&s),
+            [
+                "process.apparmorProfile",
+                "process.selinuxLabel",
+                "linux.mountLabel"
             ]
         );
-        for key in [
-            "../../etc/passwd",
-            "cgroup.procs",
-            "cgroup.kill",
-            "cgroup.subtree_control",
-        ] {
-            let bad: LinuxResources =
-                serde_json::from_value(serde_json::json!({ "unified": { key: "1" } })).unwrap();
-            let err = cgroup_writes(&bad).unwrap_err().to_string();
-            assert!(err.contains(key), "{key}: {err}");
-        }
+        assert!(init_stage(&s, None).is_ok());
     }
 
     #[test]
-    fn shares_weight_bounds() {
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(262_144), 10_000);
-        assert_eq!(shares_to_weight(1), 1);
+    fn rootfs_propagation_devices_and_seccomp_flags() {
+        let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+        v["linux"]["rootfsPropagation"] = "rshared".into();
+        v["linux"]["devices"] = serde_json::json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 438}
+        ]);
+        v["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG"],
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]
+        });
+        let cfg = init_stage(&serde_json::from_value(v.clone()).unwrap(), None).unwrap();
+        let StageMode::Init(root) = &cfg.mode else {
+            panic!("init mode")
+        };
+        assert_eq!(
+            root.rootfs_propagation,
+            (MsFlags::MS_SHARED | MsFlags::MS_REC).bits()
+        );
+        assert_eq!(root.devices.len(), 1);
+        assert_eq!((root.devices[0].major, root.devices[0].minor), (10, 229));
+        assert_eq!(
+            cfg.process.seccomp_flags,
+            libc::SECCOMP_FILTER_FLAG_LOG as u32
+        );
+        v["linux"]["rootfsPropagation"] = "sideways".into();
+        let e = init_stage(&serde_json::from_value(v).unwrap(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("linux.rootfsPropagation"), "{e}");
     }
 }

@@ -1,0 +1,233 @@
+//! End-to-end tests of OCI spec fields through the guest agent: device
+//! nodes, the device cgroup (BPF filter), rootfs propagation, seccomp
+//! architectures and flags, and the fields the guest cannot honour (hooks,
+//! block IO and hugepage limits without their controllers), which must be
+//! clear errors rather than silently dropped. One real microVM (QEMU
+//! backend, TCG where KVM cannot run guest userspace) shared by the tests
+//! of this file.
+//!
+//! Needs `make guest` (kernel, initramfs) and a built `vmpod`.
+
+use serde_json::json;
+use vmpod_runtime::agent_client::{AgentClient, Code};
+use vmpod_tests::agent_vm::{self, bytes, run};
+
+struct Shared<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: &'a AgentClient,
+}
+
+fn fixture() -> Shared<'static> {
+    let f = agent_vm::shared("agent-spec");
+    Shared {
+        rt: &f.rt,
+        client: &f.client,
+    }
+}
+
+fn spec(args: &[&str]) -> serde_json::Value {
+    agent_vm::busybox_spec(args)
+}
+
+/// `key: value` lines of a script's output.
+fn line(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key:?} line in {out:?}"))
+}
+
+#[test]
+fn device_nodes_are_created_and_dev_holds_nothing_else() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "echo \"full: $(stat -c '%F %t:%T %a %u:%g' /dev/xfull)\"; \
+             echo \"fifo: $(stat -c '%F %a' /dev/sub/xfifo)\"; \
+             echo \"null: $(stat -c '%F %t:%T %a' /dev/null)\"; \
+             echo \"dev: $(ls /dev | tr '\\n' ' ')\"",
+        ]);
+        s["linux"]["devices"] = json!([
+            {"path": "/dev/xfull", "type": "c", "major": 1, "minor": 7, "fileMode": 0o600, "uid": 1000, "gid": 100},
+            {"path": "/dev/sub/xfifo", "type": "p", "fileMode": 0o640},
+            // The spec's own /dev/null replaces the default one.
+            {"path": "/dev/null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o620}
+        ]);
+        let (out, err, st) = run(f.client, "devnodes", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(
+            line(&out, "full"),
+            "character special file 1:7 600 1000:100",
+            "{out}"
+        );
+        assert_eq!(line(&out, "fifo"), "fifo 640", "{out}");
+        assert_eq!(line(&out, "null"), "character special file 1:3 620", "{out}");
+        // The default safe set, the standard links and mounts, and the
+        // spec's nodes: nothing of the guest's /dev besides.
+        assert_eq!(
+            line(&out, "dev"),
+            "fd full null ptmx pts random shm stderr stdin stdout sub tty urandom xfull zero",
+            "{out}"
+        );
+
+        let mut s = spec(&["true"]);
+        s["linux"]["devices"] = json!([{"path": "/dev/../x", "type": "c", "major": 1, "minor": 3}]);
+        let e = f
+            .client
+            .create_container("devnodes-bad", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{e}");
+        assert!(e.to_string().contains("linux.devices"), "{e}");
+    });
+}
+
+#[test]
+fn device_cgroup_list_is_enforced() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let script =
+            "echo \"zero: $(head -c 1 /dev/zero > /dev/null 2>&1 && echo ok || echo denied)\"; \
+             echo \"null: $( (echo x > /dev/null) 2>&1 && echo ok)\"; \
+             echo \"random: $(head -c 4 /dev/urandom | wc -c)\"";
+        // Without a list every device is allowed.
+        let (out, err, st) = run(f.client, "devcg-none", &spec(&["sh", "-c", script])).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(line(&out, "zero"), "ok", "{out}");
+        // Deny all, then allow /dev/null rw and /dev/urandom r only.
+        let mut s = spec(&["sh", "-c", script]);
+        s["linux"]["resources"] = json!({"devices": [
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rw"},
+            {"allow": true, "type": "c", "major": 1, "minor": 9, "access": "r"}
+        ]});
+        let (out, err, st) = run(f.client, "devcg", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(line(&out, "zero"), "denied", "{out}");
+        assert_eq!(line(&out, "null"), "ok", "{out}");
+        assert_eq!(line(&out, "random"), "4", "{out}");
+    });
+}
+
+#[test]
+fn rootfs_propagation_is_applied() {
+    let f = fixture();
+    f.rt.block_on(async {
+        // The optional fields of the root mount's mountinfo line.
+        let script = "echo \"root: $(awk '$5 == \"/\" {for (i = 7; $i != \"-\"; i++) printf \"%s \", $i}' /proc/self/mountinfo)\"; true";
+        let (out, _, _) = run(f.client, "prop-default", &spec(&["sh", "-c", script])).await;
+        let root = out.lines().find_map(|l| l.strip_prefix("root:")).unwrap_or("?").trim().to_string();
+        assert!(!root.contains("shared:") && !root.contains("unbindable"), "private by default: {out}");
+        let mut s = spec(&["sh", "-c", script]);
+        s["linux"]["rootfsPropagation"] = json!("rshared");
+        let (out, err, st) = run(f.client, "prop-shared", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        assert!(line(&out, "root").starts_with("shared:"), "{out}");
+        s["linux"]["rootfsPropagation"] = json!("unbindable");
+        let (out, _, _) = run(f.client, "prop-unbindable", &s).await;
+        assert_eq!(line(&out, "root"), "unbindable", "{out}");
+        s["linux"]["rootfsPropagation"] = json!("sideways");
+        let e = f
+            .client
+            .create_container("prop-bad", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{e}");
+        assert!(e.to_string().contains("linux.rootfsPropagation"), "{e}");
+    });
+}
+
+#[test]
+fn seccomp_architectures_and_flags() {
+    let f = fixture();
+    f.rt.block_on(async {
+        let profile = |archs: serde_json::Value, flags: serde_json::Value| {
+            json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": archs,
+                "flags": flags,
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+            })
+        };
+        let script = "echo \"mkdir: $(mkdir /tmp/sc 2>&1 && echo ok)\"; rmdir /tmp/sc 2>/dev/null; true";
+        // Docker's list (x86_64 with x86 and x32) and the LOG flag: applied.
+        let mut s = spec(&["sh", "-c", script]);
+        s["linux"]["seccomp"] = profile(
+            json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]),
+            json!(["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"]),
+        );
+        let (out, err, st) = run(f.client, "sc-ok", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        assert_eq!(
+            line(&out, "mkdir"),
+            "mkdir: can't create directory '/tmp/sc': Operation not permitted",
+            "{out}"
+        );
+        // A profile for other architectures only is refused.
+        s["linux"]["seccomp"] = profile(json!(["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]), json!([]));
+        let e = f
+            .client
+            .create_container("sc-arch", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{e}");
+        assert!(e.to_string().contains("linux.seccomp.architectures"), "{e}");
+        s["linux"]["seccomp"] = profile(
+            json!(["SCMP_ARCH_X86_64"]),
+            json!(["SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"]),
+        );
+        let e = f
+            .client
+            .create_container("sc-flag", bytes(&s), "", None, false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("linux.seccomp.flags"), "{e}");
+    });
+}
+
+#[test]
+fn unsupported_fields_are_named_errors() {
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        let cases = [
+            ("uf-hook", json!({"hooks": {"prestart": [{"path": "/bin/true"}]}}), "hooks.prestart"),
+            ("uf-hook2", json!({"hooks": {"createContainer": [{"path": "/bin/true"}]}}), "hooks.createContainer"),
+            // The guest kernel has neither the io nor the hugetlb controller.
+            ("uf-blkio", json!({"linux": {"resources": {"blockIO": {"weight": 500}}}}), "linux.resources.blockIO"),
+            ("uf-huge", json!({"linux": {"resources": {"hugepageLimits": [{"pageSize": "2MB", "limit": 2097152}]}}}), "linux.resources.hugepageLimits"),
+        ];
+        for (id, patch, field) in cases {
+            let mut s = spec(&["true"]);
+            merge(&mut s, &patch);
+            let e = c
+                .create_container(id, bytes(&s), "", None, false)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{id}: {e}");
+            assert!(e.to_string().contains(field), "{id}: {e}");
+            let d = c.guest_details().await.unwrap();
+            assert!(!d.cgroups.contains(&format!("vmpod/{id}")), "{id}: {:?}", d.cgroups);
+        }
+        // Security labels the guest cannot apply are accepted and ignored.
+        let mut s = spec(&["echo", "labelled"]);
+        s["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");
+        s["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0");
+        let (out, _, st) = run(c, "uf-labels", &s).await;
+        assert_eq!((out.as_str(), st.exit_code), ("labelled\n", 0));
+    });
+}
+
+/// JSON merge of `patch` into `v` (objects recursively, the rest replaced).
+fn merge(v: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (v, patch) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, pv) in b {
+                merge(a.entry(k.clone()).or_insert(serde_json::Value::Null), pv);
+            }
+        }
+        (v, p) => *v = p.clone(),
+    }
+}
