@@ -231,3 +231,67 @@ fn merge(v: &mut serde_json::Value, patch: &serde_json::Value) {
         (v, p) => *v = p.clone(),
     }
 }
+
+#[test]
+fn mount_destinations_cannot_leave_the_rootfs() {
+    let f = fixture();
+    let c = f.client;
+    f.rt.block_on(async {
+        // The (shared, writable) busybox rootfs gets two links that point
+        // out of it when read from the guest's root: an absolute one and
+        // one that climbs with "..".
+        let (out, err, st) = run(
+            c,
+            "esc-setup",
+            &spec(&[
+                "sh",
+                "-c",
+                "ln -s /run/vmpod-escape /escape-abs && \
+                 ln -s ../../../../run/vmpod-escape2 /escape-rel && echo linked",
+            ]),
+        )
+        .await;
+        assert_eq!((out.as_str(), st.exit_code), ("linked\n", 0), "{err}");
+
+        // Mounts through them land inside the rootfs, where the container
+        // sees them at the links' targets.
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "echo \"tmpfs: $(grep -c ' /run/vmpod-escape/sub ' /proc/self/mountinfo)\"; \
+             echo \"file: $(cat /run/vmpod-escape2/f)\"",
+        ]);
+        s["mounts"] = json!([
+            {"destination": "/escape-abs/sub", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
+            {"destination": "/escape-rel/f", "type": "bind",
+             "source": format!("{}/etc/hostname", agent_vm::BUSYBOX_ROOTFS), "options": ["bind", "ro"]}
+        ]);
+        let (out, err, st) = run(c, "esc-mount", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        assert_eq!(line(&out, "tmpfs"), "1", "{out}");
+        assert_eq!(line(&out, "file"), "busybox", "{out}");
+
+        // Nothing was created in the guest's own /run (seen through a
+        // read-only bind of it).
+        let mut s = spec(&["sh", "-c", "echo \"run: $(ls -a /guest-run | tr '\\n' ' ')\""]);
+        s["mounts"] = json!([{"destination": "/guest-run", "type": "bind", "source": "/run", "options": ["rbind", "ro"]}]);
+        let (out, err, st) = run(c, "esc-check", &s).await;
+        assert_eq!(st.exit_code, 0, "{out}\n{err}");
+        let run_dir = line(&out, "run");
+        assert!(run_dir.starts_with(". .."), "{out}");
+        assert!(!run_dir.contains("vmpod-escape"), "created in the guest's /run: {out}");
+
+        let (_, err, st) = run(
+            c,
+            "esc-clean",
+            &spec(&[
+                "sh",
+                "-c",
+                "rm -rf /escape-abs /escape-rel /run/vmpod-escape /run/vmpod-escape2 /guest-run; \
+                 rmdir /run",
+            ]),
+        )
+        .await;
+        assert_eq!(st.exit_code, 0, "{err}");
+    });
+}

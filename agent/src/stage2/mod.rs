@@ -16,6 +16,7 @@
 //!    close-on-exec by then, so the process starts with 0-2 only.
 
 mod identity;
+mod resolve;
 mod rootfs;
 
 use std::ffi::CString;

@@ -5,12 +5,19 @@
 //! `pivot_root` (the agent moved the initramfs onto a tmpfs at boot so this
 //! works); on an initial-rootfs root it falls back to move + chroot (runc's
 //! `no_pivot`).
+//!
+//! Until then the guest's root is `/`, and the rootfs (an image) must not
+//! steer anything out of itself: every path inside it — mount destinations,
+//! device nodes, `/dev` links — is resolved with `resolve.rs` and used
+//! through its descriptor (`/proc/self/fd/N`), never joined as text.
 
-use std::os::unix::fs::symlink;
-use std::path::{Component, Path, PathBuf};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 
+use super::resolve::{fd_path, open_in_root, parent_in_root, Create};
 use super::{Context, StageResult};
 use crate::container::config::{DeviceConfig, MountConfig, RootfsConfig};
 
@@ -37,15 +44,19 @@ pub fn setup(cfg: &RootfsConfig) -> StageResult<()> {
         None::<&str>,
     )
     .ctx(|| format!("bind rootfs {}", root.display()))?;
+    // The bind mount just made, by descriptor: what every path below is
+    // resolved in.
+    let rootfd = File::open(root).ctx(|| format!("open rootfs {}", root.display()))?;
     for m in &cfg.mounts {
-        do_mount(root, m)?;
+        do_mount(&rootfd, m)?;
     }
     if cfg.populate_dev {
-        populate_dev(root, &cfg.devices)?;
+        populate_dev(&rootfd, &cfg.devices)?;
     }
     for d in &cfg.devices {
-        make_device(root, d)?;
+        make_device(&rootfd, d)?;
     }
+    drop(rootfd);
     std::env::set_current_dir(root).ctx(|| "chdir rootfs".into())?;
     enter_root()?;
     if cfg.rootfs_propagation != 0 {
@@ -113,98 +124,95 @@ fn enter_root() -> StageResult<()> {
     std::env::set_current_dir("/").ctx(|| "chdir /".into())
 }
 
-/// `dest` inside `root`, lexically (no `..`, validated by the agent).
-fn in_root(root: &Path, dest: &str) -> PathBuf {
-    let mut p = root.to_path_buf();
-    for c in Path::new(dest).components() {
-        if let Component::Normal(n) = c {
-            p.push(n);
-        }
-    }
-    p
+/// `dest` inside the rootfs, created as `create` says.
+fn resolve(root: &File, dest: &str, create: Create) -> StageResult<OwnedFd> {
+    open_in_root(root, dest, create).ctx(|| format!("resolve {dest:?} in the rootfs"))
 }
 
-fn do_mount(root: &Path, m: &MountConfig) -> StageResult<()> {
-    let dest = in_root(root, &m.destination);
+fn do_mount(root: &File, m: &MountConfig) -> StageResult<()> {
     let flags = MsFlags::from_bits_truncate(m.flags);
     let bind = m.fstype == "bind" || flags.contains(MsFlags::MS_BIND);
+    let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
     if bind {
         let src = Path::new(&m.source);
         let meta = std::fs::metadata(src).ctx(|| format!("bind source {:?}", m.source))?;
-        if meta.is_dir() {
-            std::fs::create_dir_all(&dest).ctx(|| format!("mkdir {}", dest.display()))?;
+        let create = if meta.is_dir() {
+            Create::Dir
         } else {
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).ctx(|| format!("mkdir {}", parent.display()))?;
-            }
-            if !dest.exists() {
-                std::fs::File::create(&dest).ctx(|| format!("create {}", dest.display()))?;
-            }
-        }
+            Create::File
+        };
+        let dest = resolve(root, &m.destination, create)?;
         mount(
             Some(src),
-            &dest,
+            fd_path(&dest).as_str(),
             None::<&str>,
             MsFlags::MS_BIND | (flags & MsFlags::MS_REC),
             None::<&str>,
         )
         .ctx(|| format!("bind {} on {}", m.source, m.destination))?;
-        let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
-        if !extra.is_empty() {
-            mount(
-                None::<&str>,
-                &dest,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                None::<&str>,
-            )
-            .ctx(|| format!("remount {} with {extra:?}", m.destination))?;
-        }
     } else {
-        std::fs::create_dir_all(&dest).ctx(|| format!("mkdir {}", dest.display()))?;
+        let dest = resolve(root, &m.destination, Create::Dir)?;
         let fstype = if m.fstype == "cgroup" {
             "cgroup2"
         } else {
             m.fstype.as_str()
         };
         let data = (!m.data.is_empty()).then_some(m.data.as_str());
-        mount(Some(m.source.as_str()), &dest, Some(fstype), flags, data)
-            .ctx(|| format!("mount {fstype} on {}", m.destination))?;
-    }
-    if m.propagation != 0 {
         mount(
-            None::<&str>,
-            &dest,
-            None::<&str>,
-            MsFlags::from_bits_truncate(m.propagation),
-            None::<&str>,
+            Some(m.source.as_str()),
+            fd_path(&dest).as_str(),
+            Some(fstype),
+            flags,
+            data,
         )
-        .ctx(|| format!("propagation of {}", m.destination))?;
+        .ctx(|| format!("mount {fstype} on {}", m.destination))?;
+    }
+    if (bind && !extra.is_empty()) || m.propagation != 0 {
+        // The descriptor above is of the directory under the new mount:
+        // look again to get the mount itself.
+        let top = resolve(root, &m.destination, Create::Nothing)?;
+        let target = fd_path(&top);
+        if bind && !extra.is_empty() {
+            mount(
+                None::<&str>,
+                target.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                None::<&str>,
+            )
+            .ctx(|| format!("remount {} with {extra:?}", m.destination))?;
+        }
+        if m.propagation != 0 {
+            mount(
+                None::<&str>,
+                target.as_str(),
+                None::<&str>,
+                MsFlags::from_bits_truncate(m.propagation),
+                None::<&str>,
+            )
+            .ctx(|| format!("propagation of {}", m.destination))?;
+        }
     }
     Ok(())
 }
 
 /// /dev is a fresh tmpfs: bind the guest's basic device nodes (those the
 /// spec does not list itself) and add the usual links.
-fn populate_dev(root: &Path, listed: &[DeviceConfig]) -> StageResult<()> {
-    let dev = root.join("dev");
+fn populate_dev(root: &File, listed: &[DeviceConfig]) -> StageResult<()> {
     for d in DEVICES {
-        if listed.iter().any(|l| l.path == format!("/dev/{d}")) {
+        let path = format!("/dev/{d}");
+        if listed.iter().any(|l| l.path == path) {
             continue;
         }
-        let target = dev.join(d);
-        if !target.exists() {
-            std::fs::File::create(&target).ctx(|| format!("create /dev/{d}"))?;
-        }
-        let src = format!("/dev/{d}");
+        let target = resolve(root, &path, Create::File)?;
         mount(
-            Some(src.as_str()),
-            &target,
+            Some(path.as_str()),
+            fd_path(&target).as_str(),
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .ctx(|| format!("bind {src}"))?;
+        .ctx(|| format!("bind {path}"))?;
     }
     let links = [
         ("fd", "/proc/self/fd"),
@@ -213,68 +221,69 @@ fn populate_dev(root: &Path, listed: &[DeviceConfig]) -> StageResult<()> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ];
+    let dev = resolve(root, "/dev", Create::Dir)?;
     for (name, target) in links {
-        let l = dev.join(name);
-        if std::fs::symlink_metadata(&l).is_err() {
-            symlink(target, &l).ctx(|| format!("symlink /dev/{name}"))?;
+        let (t, n) = (cstr(target)?, cstr(name)?);
+        // SAFETY: valid C strings; dev is an open directory descriptor.
+        let r = unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), n.as_ptr()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("symlink /dev/{name}: {e}"));
+            }
         }
     }
     Ok(())
 }
 
+fn cstr(s: &str) -> StageResult<std::ffi::CString> {
+    std::ffi::CString::new(s).ctx(|| format!("NUL in {s:?}"))
+}
+
 /// One `linux.devices` node: mknod with the spec's type, numbers, mode
-/// and owner. A node already there (a bind-mounted /dev) must be the same
-/// device.
-fn make_device(root: &Path, d: &DeviceConfig) -> StageResult<()> {
-    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let path = in_root(root, &d.path);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).ctx(|| format!("mkdir for device {}", d.path))?;
-    }
+/// and owner, in its parent directory (resolved in the rootfs) by name. A
+/// node already there (a bind-mounted /dev) must be the same device.
+fn make_device(root: &File, d: &DeviceConfig) -> StageResult<()> {
+    let (dir, name) = parent_in_root(root, &d.path).ctx(|| format!("device {}", d.path))?;
+    let (dir, n) = (dir.as_raw_fd(), cstr(&name)?);
     let kind = match d.kind {
-        'c' => SFlag::S_IFCHR,
-        'b' => SFlag::S_IFBLK,
-        'p' => SFlag::S_IFIFO,
+        'c' => libc::S_IFCHR,
+        'b' => libc::S_IFBLK,
+        'p' => libc::S_IFIFO,
         k => return Err(format!("device {}: unknown type {k:?}", d.path)),
     };
-    let rdev = makedev(u64::from(d.major), u64::from(d.minor));
-    let mode = Mode::from_bits_truncate(d.mode);
-    match mknod(&path, kind, mode, rdev) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EEXIST) => {
-            let m = std::fs::symlink_metadata(&path).ctx(|| format!("device {}", d.path))?;
-            let t = m.file_type();
-            let same_type = match d.kind {
-                'c' => t.is_char_device(),
-                'b' => t.is_block_device(),
-                _ => t.is_fifo(),
-            };
-            if !same_type || (d.kind != 'p' && m.rdev() != rdev) {
-                return Err(format!(
-                    "device {}: a different file is already there",
-                    d.path
-                ));
-            }
+    let rdev = libc::makedev(d.major, d.minor);
+    let last = || std::io::Error::last_os_error();
+    // SAFETY: valid C string and directory descriptor.
+    if unsafe { libc::mknodat(dir, n.as_ptr(), kind | (d.mode & 0o7777), rdev) } < 0 {
+        let e = last();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(format!("mknod device {}: {e}", d.path));
         }
-        Err(e) => return Err(format!("mknod device {}: {e}", d.path)),
+        // SAFETY: an all-zero stat is a valid out buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; no symlink followed.
+        if unsafe { libc::fstatat(dir, n.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } < 0 {
+            return Err(format!("device {}: {}", d.path, last()));
+        }
+        if st.st_mode & libc::S_IFMT != kind || (d.kind != 'p' && st.st_rdev != rdev) {
+            return Err(format!(
+                "device {}: a different file is already there",
+                d.path
+            ));
+        }
     }
-    // mknod's mode went through the umask.
-    nix::sys::stat::fchmodat(
-        None,
-        &path,
-        mode,
-        nix::sys::stat::FchmodatFlags::FollowSymlink,
-    )
-    .ctx(|| format!("chmod device {}", d.path))?;
-    nix::unistd::fchownat(
-        None,
-        &path,
-        Some(nix::unistd::Uid::from_raw(d.uid)),
-        Some(nix::unistd::Gid::from_raw(d.gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .ctx(|| format!("chown device {}", d.path))
+    // mknod's mode went through the umask. The node was just made (or
+    // checked) by name in its directory: no symlink is followed here.
+    // SAFETY: valid C string and directory descriptor.
+    if unsafe { libc::fchmodat(dir, n.as_ptr(), d.mode & 0o7777, 0) } < 0 {
+        return Err(format!("chmod device {}: {}", d.path, last()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fchownat(dir, n.as_ptr(), d.uid, d.gid, libc::AT_SYMLINK_NOFOLLOW) } < 0 {
+        return Err(format!("chown device {}: {}", d.path, last()));
+    }
+    Ok(())
 }
 
 fn mask(p: &str) -> StageResult<()> {
@@ -321,17 +330,4 @@ fn readonly(p: &str) -> StageResult<()> {
         None::<&str>,
     )
     .ctx(|| format!("remount {p} read-only"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destinations_stay_inside_the_root() {
-        let r = Path::new("/containers/c1");
-        assert_eq!(in_root(r, "/proc"), Path::new("/containers/c1/proc"));
-        assert_eq!(in_root(r, "/a/./b"), Path::new("/containers/c1/a/b"));
-        assert_eq!(in_root(r, "/"), Path::new("/containers/c1"));
-    }
 }
