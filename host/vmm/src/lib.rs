@@ -11,6 +11,7 @@ pub mod builder;
 pub mod cmdline;
 pub mod config;
 pub mod devices;
+mod event_loop;
 pub mod hypervisor;
 pub mod vmm;
 

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmpod_runtime::hypervisor::ExitReason;
 
 use crate::builder::{BuiltVm, IoBuses};
 use crate::devices::ExitSignal;
+use crate::event_loop;
 use crate::hypervisor::{Vcpu, VcpuExit};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,8 @@ pub enum Error {
     },
     #[error("installing signal handler: {0}")]
     Signal(String),
+    #[error("event loop set-up: {0}")]
+    EventLoop(String),
     #[error("spawning vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
 }
@@ -50,10 +52,6 @@ fn vcpu_kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-const TOKEN_EXIT: u64 = u64::MAX;
-const TOKEN_SIGNAL: u64 = u64::MAX - 1;
-const TICK: Duration = Duration::from_secs(1);
-
 /// Run the VM until it stops; returns why.
 pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
     let BuiltVm {
@@ -68,10 +66,10 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
         cmdline: _,
     } = vm;
 
-    let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
         op: "eventfd",
         source,
-    })?;
+    })?);
     STOP_FD.store(stop_evt.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         register_signal_handler(sig, on_stop_signal).map_err(|e| Error::Signal(e.to_string()))?;
@@ -79,32 +77,13 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
     register_signal_handler(vcpu_kick_signal(), on_kick)
         .map_err(|e| Error::Signal(e.to_string()))?;
 
-    let epoll = Epoll::new().map_err(|source| Error::Setup {
-        op: "epoll_create",
-        source,
-    })?;
-    let add = |fd: i32, token: u64, events: EventSet| {
-        epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
-            .map_err(|source| Error::Setup {
-                op: "epoll_ctl",
-                source,
-            })
-    };
-    add(exit.event_fd().as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
-    add(stop_evt.as_raw_fd(), TOKEN_SIGNAL, EventSet::IN)?;
-    for (i, t) in virtio.iter().enumerate() {
-        let fd = t
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device()
-            .backend_fd();
-        if let Some(fd) = fd {
-            // Edge-triggered: devices drain their back-end until EAGAIN or
-            // until the guest has no buffers, and resume on queue notify.
-            add(fd, i as u64, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
-        }
-    }
+    let mut event_loop = event_loop::setup(event_loop::LoopParts {
+        exit: exit.clone(),
+        stop: stop_evt.clone(),
+        virtio: virtio.clone(),
+        serial: serial.clone(),
+    })
+    .map_err(Error::EventLoop)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -118,59 +97,8 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
     }
 
     let started = Instant::now();
-    let mut last_tick = Instant::now();
-    let mut events = vec![EpollEvent::default(); 16];
-    let reason = loop {
-        let n = match epoll.wait(TICK.as_millis() as i32, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-            Err(source) => {
-                break ExitReason::Crashed(format!("VMM event loop failed: {source}"));
-            }
-        };
-        let mut done = None;
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_EXIT => {
-                    let _ = exit.event_fd().read();
-                    if let Some(r) = exit.reason() {
-                        done = Some(r);
-                    }
-                }
-                TOKEN_SIGNAL => {
-                    let _ = stop_evt.read();
-                    tracing::info!("stop signal received");
-                    done = Some(ExitReason::Stopped);
-                }
-                i => {
-                    if let Some(t) = virtio.get(i as usize) {
-                        t.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .device_mut()
-                            .backend_event();
-                    }
-                }
-            }
-        }
-        if let Some(r) = done {
-            break r;
-        }
-        if last_tick.elapsed() >= TICK {
-            last_tick = Instant::now();
-            for t in &virtio {
-                t.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .device_mut()
-                    .tick();
-            }
-            // A partial line (a prompt) reaches the log within a tick.
-            serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .sink_mut()
-                .flush_log();
-        }
-    };
+    let reason = event_loop.run();
+    drop(event_loop);
     tracing::info!(
         ?reason,
         uptime_ms = started.elapsed().as_millis() as u64,
