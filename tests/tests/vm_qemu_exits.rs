@@ -13,7 +13,7 @@ use std::time::Duration;
 use vmpod_runtime::hypervisor::ExitReason;
 use vmpod_tests::build_dir;
 use vmpod_tests::initramfs::Initramfs;
-use vmpod_tests::process::{children, wait_gone, ChildGuard};
+use vmpod_tests::process::{children, strip_ansi, wait_gone, ChildGuard};
 use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -308,4 +308,45 @@ fn virtiofsd_death_ends_the_vm() {
     let share = tempfile::tempdir().unwrap();
     let arg = format!("share={}", share.path().display());
     helper_death_ends_the_vm("--shared-dir", "virtiofsd", &["--share", &arg]);
+}
+
+/// Without `--hypervisor`, `vmpod vm run` picks the backend as the daemon's
+/// handlers do (auto): built-in on hardware KVM, QEMU (TCG) otherwise, and
+/// logs the choice with its reason. This guest only powers off, so on a
+/// hardware-KVM host the built-in VMM runs it as well.
+#[test]
+fn default_hypervisor_is_auto_and_logged() {
+    use vmpod_runtime::hypervisor::host::KvmFlavour;
+    use vmpod_runtime::hypervisor::{select, HypervisorKind};
+    let flavour = KvmFlavour::detect();
+    let expected = select::choose(None, &flavour);
+    let a = artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let out = ChildGuard::spawn(
+        vm_run_command(dir.path())
+            .arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initrd")
+            .arg(&a.initrd)
+            .args(["--cmdline", "vmpod_test=poweroff", "--memory-mib", "128"])
+            .env("VMPOD_LOG", "info"),
+    )
+    .wait_exit(TIMEOUT);
+    let stderr = strip_ansi(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("hypervisor chosen"))
+        .unwrap_or_else(|| panic!("no choice logged:\n{stderr}"));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("requested=auto"), "{line}");
+    assert!(
+        line.contains(&format!("hypervisor={}", expected.kind)),
+        "{line}"
+    );
+    assert!(line.contains(&expected.reason), "reason given: {line}");
+    if flavour == KvmFlavour::Pvm {
+        assert_eq!(expected.kind, HypervisorKind::Qemu);
+        assert!(line.contains("accel=Some(Tcg)"), "{line}");
+    }
 }

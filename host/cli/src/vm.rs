@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use vmpod_runtime::hypervisor::console::DEFAULT_CONSOLE_LOG_MAX;
+use vmpod_runtime::hypervisor::host::KvmFlavour;
 use vmpod_runtime::hypervisor::qemu::{Accel, QemuHypervisor};
+use vmpod_runtime::hypervisor::select;
 use vmpod_runtime::hypervisor::{
     DiskConfig, ExitReason, HypervisorKind, NetConfig, SharedDirConfig, VmConfig, VmHandle,
     VsockBackend,
@@ -45,11 +47,19 @@ struct VhostUserVsockArgs {
     guest_cid: u32,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HypervisorArg {
+    Auto,
+    Builtin,
+    Qemu,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
-    /// builtin (our KVM VMM) or qemu.
-    #[arg(long, default_value = "qemu")]
-    hypervisor: HypervisorKind,
+    /// auto (builtin on hardware KVM, QEMU otherwise; the choice and its
+    /// reason are logged), builtin (our KVM VMM) or qemu.
+    #[arg(long, value_enum, default_value_t = HypervisorArg::Auto)]
+    hypervisor: HypervisorArg,
     /// QEMU accelerator: kvm, tcg or auto (KVM only where guest userspace
     /// runs under it, i.e. hardware KVM; TCG on PVM or without KVM).
     #[arg(long, default_value = "auto")]
@@ -125,7 +135,26 @@ pub fn run(args: VmArgs) -> anyhow::Result<ExitCode> {
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = build_config(&args)?;
     config.validate()?;
-    let reason = match args.hypervisor {
+    let requested = match args.hypervisor {
+        HypervisorArg::Auto => None,
+        HypervisorArg::Builtin => Some(HypervisorKind::Builtin),
+        HypervisorArg::Qemu => Some(HypervisorKind::Qemu),
+    };
+    // The same selection as the daemon's runtime handlers and `vmpod check`.
+    let flavour = KvmFlavour::detect();
+    let choice = select::choose(requested, &flavour);
+    // QEMU's accelerator: `--accel` (auto resolves as the choice did).
+    let accel = (choice.kind == HypervisorKind::Qemu)
+        .then(|| args.accel.resolve(&flavour).ok())
+        .flatten();
+    tracing::info!(
+        hypervisor = %choice.kind,
+        accel = ?accel,
+        requested = %requested.map_or("auto".to_string(), |k| k.to_string()),
+        reason = %choice.reason,
+        "hypervisor chosen"
+    );
+    let reason = match choice.kind {
         HypervisorKind::Qemu => run_qemu(&config, args.accel, args.console_log_max)?,
         HypervisorKind::Builtin => run_builtin(&config, args.console_log_max)?,
     };
