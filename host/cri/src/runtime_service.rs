@@ -129,7 +129,11 @@ runtime_service! {
             req: Request<cri::StatusRequest>,
         ) -> Result<Response<cri::StatusResponse>, Status> {
             let verbose = req.into_inner().verbose;
-            let cni = cni::check(&self.config.cni);
+            // File I/O (a slow or hung disk): on the blocking pool.
+            let cni_cfg = self.config.cni.clone();
+            let cni = tokio::task::spawn_blocking(move || cni::check(&cni_cfg))
+                .await
+                .map_err(status::join_error)?;
             Ok(Response::new(cri::StatusResponse {
                 status: Some(cri::RuntimeStatus {
                     conditions: self.conditions(&cni),
@@ -188,5 +192,78 @@ runtime_service! {
         "CheckpointContainer" => checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
         "ListMetricDescriptors" => list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
         "ListPodSandboxMetrics" => list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The CNI config is a FIFO: reading it hangs (like a stuck disk) until
+    /// a writer comes. The writer only comes after a timer on the runtime's
+    /// one worker fires, so if `Status` read it on that worker, nothing
+    /// could make progress (a rescue thread then unblocks it and the test
+    /// fails instead of hanging).
+    #[tokio::test(flavor = "current_thread")]
+    async fn status_reads_the_cni_config_off_the_async_worker() {
+        let d = tempfile::tempdir().unwrap();
+        let conf_dir = d.path().join("net.d");
+        std::fs::create_dir(&conf_dir).unwrap();
+        let fifo = conf_dir.join("10-pods.conf");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut config = Config::default();
+        config.cni.conf_dir = conf_dir;
+        config.cni.bin_dirs = vec![d.path().join("bin")];
+        let svc = RuntimeSvc::new(Arc::new(config));
+
+        // Open the FIFO's write end without blocking (ENXIO while no reader).
+        let open_writer = |p: &std::path::Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(p)
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let rescued = Arc::new(AtomicBool::new(false));
+        {
+            let (done, rescued, fifo) = (done.clone(), rescued.clone(), fifo.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(10));
+                if !done.load(Ordering::SeqCst) {
+                    rescued.store(true, Ordering::SeqCst);
+                    let _ = open_writer(&fifo); // the reader sees EOF
+                }
+            });
+        }
+        let status = tokio::spawn(async move {
+            svc.status(Request::new(cri::StatusRequest { verbose: false }))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if let Ok(mut f) = open_writer(&fifo) {
+                    f.write_all(br#"{"name":"pods","type":"bridge"}"#).unwrap();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .await
+        .unwrap();
+        let resp = status.await.unwrap().unwrap().into_inner();
+        done.store(true, Ordering::SeqCst);
+        assert!(
+            !rescued.load(Ordering::SeqCst),
+            "Status blocked the async worker"
+        );
+        let net = &resp.status.unwrap().conditions[1];
+        // The config was read (plugin missing is what it reports).
+        assert!(net.message.contains("\"bridge\""), "{net:?}");
     }
 }

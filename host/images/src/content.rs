@@ -9,7 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
 
 use crate::error::{ImageError, Result, StoreContext};
 use crate::reference::validate_digest;
@@ -56,6 +58,25 @@ impl ContentStore {
         self.path(digest).map(|p| p.is_file()).unwrap_or(false)
     }
 
+    /// [`exists`](Self::exists) without blocking an async worker.
+    pub async fn exists_async(&self, digest: &str) -> bool {
+        match self.path(digest) {
+            Ok(p) => tokio::fs::metadata(p)
+                .await
+                .map(|m| m.is_file())
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// [`read`](Self::read) without blocking an async worker.
+    pub async fn read_async(&self, digest: &str) -> Result<Vec<u8>> {
+        let p = self.path(digest)?;
+        tokio::fs::read(&p)
+            .await
+            .ctx(|| format!("read blob {}", p.display()))
+    }
+
     pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
         let p = self.path(digest)?;
         fs::read(&p).ctx(|| format!("read blob {}", p.display()))
@@ -100,6 +121,122 @@ impl ContentStore {
     }
 }
 
+/// Where a blob's bytes go: written (and hashed) chunk by chunk, then
+/// committed. Dropping it uncommitted must leave nothing behind.
+pub trait ChunkSink: Send + 'static {
+    fn write_chunk(&mut self, chunk: &[u8]) -> Result<()>;
+    /// Verify and make durable; returns the bytes written.
+    fn commit_all(self) -> Result<u64>;
+}
+
+impl ChunkSink for BlobWriter {
+    fn write_chunk(&mut self, chunk: &[u8]) -> Result<()> {
+        self.write(chunk)
+    }
+    fn commit_all(self) -> Result<u64> {
+        self.commit()
+    }
+}
+
+/// Chunks in flight between the download and the disk writer.
+const SINK_DEPTH: usize = 16;
+
+enum SinkMsg {
+    Data(Bytes),
+    Commit,
+}
+
+/// The async face of a [`ChunkSink`]: the sink is opened, written, hashed,
+/// fsynced and renamed on tokio's blocking pool, fed through a bounded
+/// channel, so a slow disk slows the download down (back-pressure) but never
+/// stalls an async worker (and with it the gRPC server).
+pub struct BlobSink {
+    tx: Option<mpsc::Sender<SinkMsg>>,
+    task: Option<tokio::task::JoinHandle<Result<u64>>>,
+    written: u64,
+}
+
+impl BlobSink {
+    /// Start the writer task; `open` (which creates the temp file) runs on
+    /// the blocking pool too. Must be called within a tokio runtime.
+    pub fn spawn<W: ChunkSink>(open: impl FnOnce() -> Result<W> + Send + 'static) -> BlobSink {
+        let (tx, mut rx) = mpsc::channel::<SinkMsg>(SINK_DEPTH);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut w = open()?;
+            while let Some(m) = rx.blocking_recv() {
+                match m {
+                    SinkMsg::Data(c) => w.write_chunk(&c)?,
+                    SinkMsg::Commit => return w.commit_all(),
+                }
+            }
+            // Abandoned: `w` is dropped here, with its temp file.
+            Err(ImageError::store(
+                "blob download",
+                "abandoned before the end",
+            ))
+        });
+        BlobSink {
+            tx: Some(tx),
+            task: Some(task),
+            written: 0,
+        }
+    }
+
+    /// Bytes handed to the sink so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Queue `chunk`; waits only when the writer is [`SINK_DEPTH`] chunks
+    /// behind. A write error of the writer comes back here.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        self.written += chunk.len() as u64;
+        let sent = match &self.tx {
+            Some(tx) => tx.send(SinkMsg::Data(chunk)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The writer stopped: its result says why.
+        match self.finish(false).await {
+            Err(e) => Err(e),
+            Ok(_) => Err(ImageError::store(
+                "blob download",
+                "writer already finished",
+            )),
+        }
+    }
+
+    /// Verify, fsync and rename into place; the bytes written.
+    pub async fn commit(mut self) -> Result<u64> {
+        self.finish(true).await
+    }
+
+    /// Throw the partial blob away; returns once its temp file is gone.
+    pub async fn abort(mut self) {
+        let _ = self.finish(false).await;
+    }
+
+    async fn finish(&mut self, commit: bool) -> Result<u64> {
+        if let Some(tx) = self.tx.take() {
+            if commit {
+                // If this fails the writer already ended; its result tells.
+                let _ = tx.send(SinkMsg::Commit).await;
+            }
+        }
+        match self.task.take() {
+            Some(t) => t
+                .await
+                .map_err(|e| ImageError::store("blob writer task", e))?,
+            None => Err(ImageError::store(
+                "blob download",
+                "writer already finished",
+            )),
+        }
+    }
+}
+
 /// Hashes while writing to a temp file; `commit` verifies, fsyncs, renames.
 pub struct BlobWriter {
     what: String,
@@ -126,10 +263,6 @@ impl BlobWriter {
                 "blob already committed",
             )),
         }
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
     }
 
     pub fn commit(mut self) -> Result<u64> {
@@ -225,5 +358,64 @@ mod tests {
             0,
             "temp file left"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sink_commits_verifies_and_aborts_without_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = std::sync::Arc::new(ContentStore::open(dir.path()).unwrap());
+        let sink_for = |d: &str| {
+            let (cs, d) = (cs.clone(), d.to_string());
+            BlobSink::spawn(move || cs.writer("test", &d))
+        };
+        let d = sha256_digest(b"hello world");
+        let mut s = sink_for(&d);
+        s.write(Bytes::from_static(b"hello ")).await.unwrap();
+        s.write(Bytes::from_static(b"world")).await.unwrap();
+        assert_eq!(s.written(), 11);
+        assert_eq!(s.commit().await.unwrap(), 11);
+        assert_eq!(cs.read_async(&d).await.unwrap(), b"hello world");
+
+        let other = sha256_digest(b"other");
+        let mut s = sink_for(&other);
+        s.write(Bytes::from_static(b"not it")).await.unwrap();
+        assert!(matches!(
+            s.commit().await,
+            Err(ImageError::DigestMismatch { .. })
+        ));
+        let mut s = sink_for(&other);
+        s.write(Bytes::from_static(b"oth")).await.unwrap();
+        s.abort().await;
+        assert!(!cs.exists_async(&other).await);
+        assert_eq!(fs::read_dir(cs.tmp_dir()).unwrap().count(), 0, "temp left");
+    }
+
+    /// A disk write that hangs until another task on the same (only) async
+    /// worker runs: if the sink wrote on the worker, that task could never
+    /// run and the write would time out.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stuck_disk_does_not_stall_the_async_worker() {
+        struct Gate(std::sync::mpsc::Receiver<()>, u64);
+        impl ChunkSink for Gate {
+            fn write_chunk(&mut self, c: &[u8]) -> Result<()> {
+                self.0
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .map_err(|_| ImageError::store("write", "the async worker was stalled"))?;
+                self.1 += c.len() as u64;
+                Ok(())
+            }
+            fn commit_all(self) -> Result<u64> {
+                Ok(self.1)
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut sink = BlobSink::spawn(move || Ok(Gate(rx, 0)));
+        sink.write(Bytes::from_static(b"abc")).await.unwrap();
+        let other = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tx.send(()).unwrap();
+        });
+        other.await.unwrap();
+        assert_eq!(sink.commit().await.unwrap(), 3);
     }
 }

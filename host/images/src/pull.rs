@@ -12,7 +12,7 @@ use oci_client::manifest::{self, OciImageManifest};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::content::sha256_digest;
+use crate::content::{sha256_digest, BlobSink};
 use crate::error::{ImageError, Result, StoreContext};
 use crate::meta::ImageMeta;
 use crate::reference::{validate_digest, ImageRef};
@@ -191,7 +191,7 @@ async fn pull_inner(
         &AtomicBool::new(false),
     )
     .await?;
-    let config_bytes = inner.content.read(&config_digest)?;
+    let config_bytes = inner.content.read_async(&config_digest).await?;
     let config: Value = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::unsupported(&shown, format!("image config is not JSON: {e}")))?;
     let diff_ids: Vec<String> = config
@@ -308,13 +308,19 @@ async fn pull_inner(
             .await
             .ctx(|| "gc task".into())??;
     }
-    let stored = inner
-        .meta
-        .all()?
-        .into_iter()
-        .find(|m| m.id == meta.id)
-        .unwrap_or(meta);
-    inner.record(&stored)
+    // The record as stored (merged with earlier tags), off the async workers.
+    let inner2 = inner.clone();
+    tokio::task::spawn_blocking(move || {
+        let stored = inner2
+            .meta
+            .all()?
+            .into_iter()
+            .find(|m| m.id == meta.id)
+            .unwrap_or(meta);
+        inner2.record(&stored)
+    })
+    .await
+    .ctx(|| "record task".into())?
 }
 
 /// Largest image config we read into memory.
@@ -332,19 +338,28 @@ async fn fetch_blob(
 ) -> Result<()> {
     let lock = inner.key_lock(digest);
     let _g = lock.lock().await;
-    if inner.content.exists(digest) {
+    if inner.content.exists_async(digest).await {
         info!(%what, %digest, "already stored");
         return Ok(());
     }
     let t = Instant::now();
-    let mut w = inner.content.writer(&format!("{what} {digest}"), digest)?;
-    remote
-        .blob(digest, declared_size, &mut w, what, abort)
-        .await?;
-    // Verify, fsync, rename: off the async workers.
-    let n = tokio::task::spawn_blocking(move || w.commit())
+    // Create, write, hash, fsync and rename on the blocking pool.
+    let mut sink = {
+        let (inner, label, digest) = (
+            inner.clone(),
+            format!("{what} {digest}"),
+            digest.to_string(),
+        );
+        BlobSink::spawn(move || inner.content.writer(&label, &digest))
+    };
+    if let Err(e) = remote
+        .blob(digest, declared_size, &mut sink, what, abort)
         .await
-        .ctx(|| "blob commit task".into())??;
+    {
+        sink.abort().await;
+        return Err(e);
+    }
+    let n = sink.commit().await?;
     inner.stat_blobs.fetch_add(1, Ordering::Relaxed);
     inner.stat_bytes.fetch_add(n, Ordering::Relaxed);
     info!(%what, %digest, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, endpoint = %remote.endpoint.host, "downloaded");
@@ -357,7 +372,7 @@ async fn ensure_unpacked(inner: &Arc<Inner>, blob: &str, diff_id: &str) -> Resul
     let lock = inner.key_lock(&key);
     let _g = lock.lock().await;
     let dest = inner.layer_dir(diff_id);
-    if dest.is_dir() {
+    if tokio::fs::metadata(&dest).await.is_ok_and(|m| m.is_dir()) {
         return Ok(());
     }
     let blob_path = inner.content.path(blob)?;
@@ -374,32 +389,34 @@ async fn ensure_unpacked(inner: &Arc<Inner>, blob: &str, diff_id: &str) -> Resul
     let tmp2 = tmp.clone();
     let t = Instant::now();
     let res = match tokio::task::spawn_blocking(move || -> Result<unpack::Unpacked> {
-        let u = unpack::unpack_layer(&blob_path, &tmp2)?;
-        if u.diff_id != diff_s {
-            return Err(ImageError::DigestMismatch {
-                what: format!("uncompressed layer {blob_s}"),
-                expected: diff_s,
-                actual: u.diff_id,
-            });
+        let res = unpack::unpack_layer(&blob_path, &tmp2).and_then(|u| {
+            if u.diff_id != diff_s {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("uncompressed layer {blob_s}"),
+                    expected: diff_s,
+                    actual: u.diff_id,
+                });
+            }
+            std::fs::rename(&tmp2, &dest).ctx(|| format!("rename into {}", dest.display()))?;
+            Ok(u)
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp2);
         }
-        std::fs::rename(&tmp2, &dest).ctx(|| format!("rename into {}", dest.display()))?;
-        Ok(u)
+        res
     })
     .await
     {
         Ok(res) => res,
-        Err(e) => Err(ImageError::store("unpack task", e)),
-    };
-    match res {
-        Ok(u) => {
-            info!(layer = %diff_id, entries = u.entries, tar_bytes = u.tar_bytes, elapsed_ms = t.elapsed().as_millis() as u64, "unpacked");
-            Ok(())
-        }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
+            // The unpack panicked: clean up its directory off the workers.
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            Err(ImageError::store("unpack task", e))
         }
-    }
+    };
+    let u = res?;
+    info!(layer = %diff_id, entries = u.entries, tar_bytes = u.tar_bytes, elapsed_ms = t.elapsed().as_millis() as u64, "unpacked");
+    Ok(())
 }
 
 /// Flush everything written under `root` (blobs were fsynced one by one;

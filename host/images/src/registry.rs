@@ -20,7 +20,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{manifest, Client, Reference, RegistryOperation};
 use tracing::{info, warn};
 
-use crate::content::BlobWriter;
+use crate::content::BlobSink;
 use crate::error::{ImageError, Result};
 use crate::reference::ImageRef;
 use crate::types::{Auth, RegistryConfig};
@@ -257,7 +257,7 @@ impl Remote {
         &self,
         digest: &str,
         declared_size: u64,
-        w: &mut BlobWriter,
+        w: &mut BlobSink,
         what: &str,
         abort: &AtomicBool,
     ) -> Result<()> {
@@ -296,7 +296,7 @@ impl Remote {
                     actual: format!("more than {declared_size} bytes"),
                 });
             }
-            w.write(&chunk)?;
+            w.write(chunk).await?;
             if w.written() >= next_log {
                 info!(image = %self.shown, %what, %digest, bytes = w.written(), total = total.unwrap_or(0), "downloading");
                 next_log += PROGRESS_EVERY;
