@@ -15,6 +15,7 @@
 //! `meta` (redb), `pull` (one pull), `store` (shared state, GC).
 
 mod content;
+mod dedup;
 mod error;
 mod meta;
 mod pull;
@@ -28,7 +29,6 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures_util::FutureExt;
 use tracing::info;
 
 pub use error::{ImageError, Result};
@@ -65,31 +65,15 @@ impl ImageStore {
     pub async fn pull(&self, reference: &str, auth: Option<Auth>) -> Result<ImageRecord> {
         let r = ImageRef::parse(reference)?;
         let key = (r.to_string(), auth.clone());
-        let fut = {
-            let mut pulls = self.inner.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = pulls.get(&key) {
-                self.inner.stat_joined.fetch_add(1, Ordering::Relaxed);
-                info!(image = %key.0, "joining pull already in progress");
-                f.clone()
-            } else {
-                let inner = self.inner.clone();
-                let k = key.clone();
-                let task = tokio::spawn(async move {
-                    let res = pull::pull(inner.clone(), r, auth).await;
-                    inner
-                        .pulls
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&k);
-                    res
-                });
-                let f = async move { task.await.ctx(|| "pull task".into())? }
-                    .boxed()
-                    .shared();
-                pulls.insert(key, f.clone());
-                f
-            }
-        };
+        let inner = self.inner.clone();
+        let (fut, joined) = self
+            .inner
+            .pulls
+            .run(key, move || pull::pull(inner, r, auth));
+        if joined {
+            self.inner.stat_joined.fetch_add(1, Ordering::Relaxed);
+            info!(image = %reference, "joining pull already in progress");
+        }
         fut.await
     }
 

@@ -15,16 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use futures_util::future::{BoxFuture, Shared};
 use tracing::{debug, info};
 
 use crate::content::ContentStore;
+use crate::dedup::Dedup;
 use crate::error::{ImageError, Result, StoreContext};
 use crate::meta::{ImageMeta, MetaStore};
 use crate::reference::{as_id_prefix, ImageRef};
 use crate::types::{Auth, ImageRecord, PullStats, RegistryConfig};
-
-pub(crate) type PullFuture = Shared<BoxFuture<'static, Result<ImageRecord>>>;
 
 pub(crate) struct Inner {
     pub root: PathBuf,
@@ -33,7 +31,7 @@ pub(crate) struct Inner {
     pub layers: PathBuf,
     pub meta: MetaStore,
     /// (Normalised reference, credentials) -> the pull in progress for it.
-    pub pulls: Mutex<HashMap<(String, Option<Auth>), PullFuture>>,
+    pub pulls: Dedup<(String, Option<Auth>), ImageRecord>,
     /// Blob digests / diff IDs a running pull relies on (refcounted); GC
     /// keeps them.
     protect: Mutex<HashMap<String, usize>>,
@@ -123,7 +121,7 @@ impl Inner {
             content,
             layers,
             meta,
-            pulls: Mutex::new(HashMap::new()),
+            pulls: Dedup::new(),
             protect: Mutex::new(HashMap::new()),
             key_locks: Mutex::new(HashMap::new()),
             stat_pulls: AtomicU64::new(0),
