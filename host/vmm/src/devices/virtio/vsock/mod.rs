@@ -11,6 +11,8 @@ pub mod vhost_user;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;
 
 use std::os::unix::io::RawFd;
 use std::path::Path;
@@ -76,6 +78,11 @@ impl Vsock {
 
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
+    }
+
+    #[cfg(test)]
+    pub fn muxer_mut(&mut self) -> &mut Muxer {
+        &mut self.muxer
     }
 
     fn process_tx(&mut self) {

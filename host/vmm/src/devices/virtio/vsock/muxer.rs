@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{Connection, Verdict, BUF_ALLOC};
-use super::packet::{Header, TxPacket, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+use super::packet::{Header, TxPacket, HOST_CID, OP_REQUEST, OP_RST, OP_RW, TYPE_STREAM};
 use super::Error;
 
 /// How long the guest has to accept a host-initiated connection.
@@ -36,6 +36,11 @@ pub const MAX_PENDING: usize = 64;
 /// Most RSTs for unmatched packets kept waiting for RX buffers: a guest
 /// that sends garbage but never posts RX buffers must not grow our memory.
 pub const MAX_ORPHAN_RSTS: usize = 256;
+/// Guest data waiting for slow host readers, over all of a VM's
+/// connections. Each connection may hold up to its credit (`BUF_ALLOC`,
+/// 256 KiB), so without this 1024 connections could pin 256 MiB of VMM
+/// memory; a packet that would take the VM past it resets its connection.
+pub const MAX_BUFFERED_PER_VM: usize = 32 << 20;
 
 type Key = (u32, u32); // (local/host port, peer/guest port)
 
@@ -61,6 +66,9 @@ pub struct Muxer {
     guest_connects: u64,
     resets_from_guest: u64,
     rsts_dropped: u64,
+    /// See [`MAX_BUFFERED_PER_VM`] (smaller in tests).
+    max_buffered: usize,
+    buffer_cap_resets: u64,
 }
 
 impl Muxer {
@@ -103,6 +111,8 @@ impl Muxer {
             guest_connects: 0,
             resets_from_guest: 0,
             rsts_dropped: 0,
+            max_buffered: MAX_BUFFERED_PER_VM,
+            buffer_cap_resets: 0,
         })
     }
 
@@ -112,13 +122,25 @@ impl Muxer {
 
     pub fn stats(&self) -> String {
         format!(
-            "host_connects={} guest_connects={} resets_from_guest={} rsts_dropped={} open={}",
+            "host_connects={} guest_connects={} resets_from_guest={} rsts_dropped={} \
+             buffer_cap_resets={} open={}",
             self.host_connects,
             self.guest_connects,
             self.resets_from_guest,
             self.rsts_dropped,
+            self.buffer_cap_resets,
             self.conns.len()
         )
+    }
+
+    /// Guest data all connections hold for their host sockets.
+    pub fn buffered(&self) -> usize {
+        self.conns.values().map(Connection::tx_buffered).sum()
+    }
+
+    #[cfg(test)]
+    pub fn set_max_buffered(&mut self, bytes: usize) {
+        self.max_buffered = bytes;
     }
 
     pub fn connection_count(&self) -> usize {
@@ -203,8 +225,23 @@ impl Muxer {
         if hdr.op == OP_RST {
             self.resets_from_guest += 1;
         }
+        // Only data can grow the buffers; summing over the connections is
+        // cheap next to moving the packet.
+        let over_cap = hdr.op == OP_RW
+            && !pkt.data.is_empty()
+            && self.buffered() + pkt.data.len() > self.max_buffered;
         if let Some(conn) = self.conns.get_mut(&key) {
-            let verdict = conn.on_guest_packet(&hdr, &pkt.data);
+            let verdict = if over_cap && conn.state == super::connection::State::Established {
+                tracing::warn!(
+                    port = hdr.dst_port,
+                    max = self.max_buffered,
+                    "vsock: the VM's buffered guest data would pass its limit; resetting"
+                );
+                self.buffer_cap_resets += 1;
+                conn.reset()
+            } else {
+                conn.on_guest_packet(&hdr, &pkt.data)
+            };
             match verdict {
                 Verdict::Remove => self.remove(key),
                 Verdict::Keep => {

@@ -20,9 +20,9 @@ const EVQ: u64 = 0x7000;
 const RX_BUF: u64 = 0x10_0000;
 const TX_BUF: u64 = 0x20_0000;
 
-struct Rig<'a> {
+pub(super) struct Rig<'a> {
     mem: &'a vm_memory::GuestMemoryMmap,
-    dev: Vsock,
+    pub(super) dev: Vsock,
     rx: TestQueue<'a>,
     tx: TestQueue<'a>,
     rx_seen: u16,
@@ -32,7 +32,7 @@ struct Rig<'a> {
 }
 
 impl<'a> Rig<'a> {
-    fn new(mem: &'a vm_memory::GuestMemoryMmap) -> Self {
+    pub(super) fn new(mem: &'a vm_memory::GuestMemoryMmap) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dev = Vsock::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
         let mut r = Rig {
@@ -57,7 +57,7 @@ impl<'a> Rig<'a> {
     }
 
     /// Post one 4 KiB RX buffer.
-    fn post_rx(&mut self) {
+    pub(super) fn post_rx(&mut self) {
         // Descriptor i always describes the buffer at RX_BUF + i * 4 KiB;
         // only free ones (returned through the used ring) are reposted.
         let Some(slot) = self.rx_free.pop_front() else {
@@ -69,7 +69,7 @@ impl<'a> Rig<'a> {
     }
 
     /// Packets the device put into the RX queue since last time.
-    fn take_rx(&mut self) -> Vec<(Header, Vec<u8>)> {
+    pub(super) fn take_rx(&mut self) -> Vec<(Header, Vec<u8>)> {
         let mut out = Vec::new();
         while self.rx_seen != self.rx.used_idx() {
             let (id, len) = self.rx.used(self.rx_seen % 16);
@@ -104,7 +104,7 @@ impl<'a> Rig<'a> {
         self.dev.queue_notify(1);
     }
 
-    fn send_pkt(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8]) {
+    pub(super) fn send_pkt(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8]) {
         let h = guest_hdr(op, src_port, dst_port, data.len() as u32);
         let mut bytes = h.to_bytes().to_vec();
         bytes.extend_from_slice(data);
@@ -112,7 +112,7 @@ impl<'a> Rig<'a> {
     }
 
     /// Let the back-end notice host socket activity.
-    fn poll(&mut self) {
+    pub(super) fn poll(&mut self) {
         for _ in 0..20 {
             self.dev.backend_event();
             std::thread::sleep(Duration::from_millis(5));
@@ -137,7 +137,7 @@ fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
 
 /// Host connects and asks for guest port `port`; returns the stream and
 /// the REQUEST the guest got.
-fn host_connect(rig: &mut Rig, port: u32) -> (UnixStream, Header) {
+pub(super) fn host_connect(rig: &mut Rig, port: u32) -> (UnixStream, Header) {
     let mut s = UnixStream::connect(rig.uds()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     writeln!(s, "CONNECT {port}").unwrap();
@@ -156,7 +156,7 @@ fn host_connect(rig: &mut Rig, port: u32) -> (UnixStream, Header) {
     (s, req)
 }
 
-fn read_line(s: &mut UnixStream) -> String {
+pub(super) fn read_line(s: &mut UnixStream) -> String {
     let mut line = Vec::new();
     let mut b = [0u8];
     while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
