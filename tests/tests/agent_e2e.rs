@@ -39,7 +39,7 @@ fn health_version_and_details() {
     f.rt.block_on(async {
         f.client.check().await.unwrap();
         let v = f.client.version().await.unwrap();
-        assert_eq!(v.protocol_version, 1);
+        assert_eq!(v.protocol_version, vmpod_proto::PROTOCOL_VERSION);
         assert!(!v.agent_version.is_empty());
         let d = f.client.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);

@@ -296,13 +296,14 @@ fn stdin_tty_update_and_stats() {
         assert!(String::from_utf8_lossy(&out).contains("40 120"), "{out:?}");
         assert_eq!(c.wait(id, "t2").await.unwrap().exit_code, 0);
 
-        let res = vmpod_runtime::agent_client::agent::LinuxResources {
-            memory_limit_bytes: 64 << 20,
-            pids_limit: 20,
-            cpu_quota: 50_000,
-            cpu_period: 100_000,
-            ..Default::default()
-        };
+        // OCI linux.resources, as in a spec: the same translation as create.
+        let res: vmpod_runtime::agent_client::agent::LinuxResources =
+            serde_json::from_value(serde_json::json!({
+                "memory": {"limit": 64 << 20},
+                "pids": {"limit": 20},
+                "cpu": {"quota": 50_000, "period": 100_000}
+            }))
+            .unwrap();
         c.update_container(id, res).await.unwrap();
         let s = c.stats(id).await.unwrap();
         assert_eq!(s.memory.limit_bytes, 64 << 20);
@@ -393,6 +394,66 @@ fn stdin_never_read_does_not_block_the_agent() {
         let out = c.read_to_end(id, "", OutputStream::Stdout).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out).trim(), first.to_string());
         assert_eq!(c.wait(id, "").await.unwrap().exit_code, 0);
+        c.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn update_applies_cpuset_and_unified_and_leaves_the_rest() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        // The container sees the cgroup tree (cgroup2 mounted, no cgroup
+        // namespace) to show its own files.
+        let id = "upd";
+        let mut s = spec(&["sleep", "1000"]);
+        s["mounts"] = serde_json::json!([{"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}]);
+        s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 64 << 20}});
+        c.create_container(id, bytes(&s), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let show = ExecSpec {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("cd /sys/fs/cgroup/vmpod/{id} && echo $(cat cpuset.cpus) / $(cat memory.high) / $(cat memory.max) / $(cat pids.max)"),
+            ],
+            ..Default::default()
+        };
+        let (out, err, _) = c
+            .exec_sync(id, "show1", &show, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out).trim(),
+            "/ max / 67108864 / max",
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+        // cpuset and unified were not expressible before; memory is
+        // omitted and must stay as it is.
+        let res = serde_json::from_value(serde_json::json!({
+            "cpu": {"cpus": "0"},
+            "unified": {"memory.high": "50331648"},
+            "pids": {"limit": 30}
+        }))
+        .unwrap();
+        c.update_container(id, res).await.unwrap();
+        let (out, _, _) = c
+            .exec_sync(id, "show2", &show, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out).trim(), "0 / 50331648 / 67108864 / 30");
+        // A value the kernel refuses is a clear error naming the file.
+        let res = serde_json::from_value(serde_json::json!({"cpu": {"cpus": "7"}})).unwrap();
+        let e = c.update_container(id, res).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
+            "{e}"
+        );
+        assert!(e.to_string().contains("cpuset.cpus"), "{e}");
         c.remove_container(id).await.unwrap();
     });
 }

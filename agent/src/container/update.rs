@@ -1,67 +1,44 @@
-//! Update a container's cgroup limits.
+//! Update a container's cgroup limits from an OCI `LinuxResources` (the
+//! same translation as create, see `spec/resources.rs`).
 
 use std::sync::Arc;
 
+use oci_spec::runtime::LinuxResources;
+
+use super::cgroup::leaf_controllers;
+use super::spec;
 use crate::error::{AgentError, Result};
 use crate::state::Agent;
 
-/// Limits as in the protocol's `LinuxResources` (0 = unchanged, -1 = max).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Resources {
-    pub memory_limit_bytes: i64,
-    pub cpu_quota: i64,
-    pub cpu_period: u64,
-    pub cpu_weight: u64,
-    pub pids_limit: i64,
+/// Parse and translate the request's resources (no container touched).
+pub fn plan(id: &str, resources_json: &[u8]) -> Result<(LinuxResources, Vec<(String, String)>)> {
+    let bad =
+        |e: &dyn std::fmt::Display| AgentError::InvalidArgument(format!("container {id:?}: {e}"));
+    if resources_json.is_empty() {
+        return Err(bad(&"update without resources"));
+    }
+    let r: LinuxResources = serde_json::from_slice(resources_json)
+        .map_err(|e| bad(&format!("invalid OCI LinuxResources JSON: {e}")))?;
+    let writes = spec::cgroup_writes(&r).map_err(|e| bad(&e))?;
+    Ok((r, writes))
 }
 
-fn lim(v: i64) -> String {
-    if v < 0 {
-        "max".into()
-    } else {
-        v.to_string()
-    }
-}
-
-pub fn writes(r: &Resources) -> Result<Vec<(String, String)>> {
-    let mut w = Vec::new();
-    if r.memory_limit_bytes != 0 {
-        w.push(("memory.max".to_string(), lim(r.memory_limit_bytes)));
-    }
-    if r.cpu_quota != 0 || r.cpu_period != 0 {
-        let period = if r.cpu_period == 0 {
-            100_000
-        } else {
-            r.cpu_period
-        };
-        let quota = if r.cpu_quota <= 0 {
-            "max".to_string()
-        } else {
-            r.cpu_quota.to_string()
-        };
-        w.push(("cpu.max".into(), format!("{quota} {period}")));
-    }
-    if r.cpu_weight != 0 {
-        if !(1..=10_000).contains(&r.cpu_weight) {
-            return Err(AgentError::InvalidArgument(format!(
-                "cpu weight {} not in 1..10000",
-                r.cpu_weight
-            )));
-        }
-        w.push(("cpu.weight".into(), r.cpu_weight.to_string()));
-    }
-    if r.pids_limit != 0 {
-        w.push(("pids.max".into(), lim(r.pids_limit)));
-    }
-    Ok(w)
-}
-
-pub fn update(agent: &Arc<Agent>, id: &str, r: &Resources) -> Result<()> {
+/// Blocking (lowering memory.max reclaims first): run on a blocking thread.
+pub fn update(agent: &Arc<Agent>, id: &str, resources_json: &[u8]) -> Result<()> {
+    let (r, writes) = plan(id, resources_json)?;
+    let bad =
+        |e: &dyn std::fmt::Display| AgentError::InvalidArgument(format!("container {id:?}: {e}"));
+    let devices = spec::device_rules(&r).map_err(|e| bad(&e))?;
     let c = agent.get(id)?;
-    let w = writes(r)?;
-    c.cgroup
-        .apply(agent.cgroups.as_ref(), &w)
-        .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: {e}")))
+    let fs = agent.cgroups.as_ref();
+    if let Some(available) = leaf_controllers(fs) {
+        spec::check_controllers(&r, &available).map_err(|e| bad(&e))?;
+    }
+    c.cgroup.apply(fs, &writes).map_err(|e| bad(&e))?;
+    if let Some(rules) = devices {
+        c.cgroup.set_devices(fs, &rules).map_err(|e| bad(&e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -69,27 +46,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn update_writes() {
-        let w = writes(&Resources {
-            memory_limit_bytes: -1,
-            cpu_quota: 20_000,
-            pids_limit: 5,
-            ..Default::default()
-        })
+    fn update_uses_the_create_translation() {
+        let (_, w) = plan(
+            "c",
+            br#"{"memory":{"limit":-1},"cpu":{"quota":20000,"cpus":"0"},"pids":{"limit":5},
+                 "unified":{"memory.high":"1000000"}}"#,
+        )
         .unwrap();
         assert_eq!(
             w,
             vec![
                 ("memory.max".to_string(), "max".to_string()),
-                ("cpu.max".into(), "20000 100000".into()),
-                ("pids.max".into(), "5".into())
+                ("cpu.max".into(), "20000".into()),
+                ("cpuset.cpus".into(), "0".into()),
+                ("pids.max".into(), "5".into()),
+                ("memory.high".into(), "1000000".into()),
             ]
         );
-        assert!(writes(&Resources::default()).unwrap().is_empty());
-        assert!(writes(&Resources {
-            cpu_weight: 20_000,
-            ..Default::default()
-        })
-        .is_err());
+        // Omitted fields are left alone.
+        assert!(plan("c", b"{}").unwrap().1.is_empty());
+        for bad in [
+            &b""[..],
+            b"{not json",
+            br#"{"unified":{"cgroup.procs":"1"}}"#,
+        ] {
+            let e = plan("c", bad).unwrap_err();
+            assert!(matches!(e, AgentError::InvalidArgument(_)), "{e}");
+        }
     }
 }

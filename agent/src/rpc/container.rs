@@ -45,31 +45,13 @@ pub async fn remove(
     Ok(RemoveContainerResponse::default())
 }
 
-pub fn resources_from_proto(r: &LinuxResources) -> update::Resources {
-    update::Resources {
-        memory_limit_bytes: r.memory_limit_bytes,
-        cpu_quota: r.cpu_quota,
-        cpu_period: r.cpu_period,
-        cpu_weight: r.cpu_weight,
-        pids_limit: r.pids_limit,
-    }
-}
-
 pub async fn update(
     agent: &Arc<Agent>,
     req: UpdateContainerRequest,
 ) -> Result<UpdateContainerResponse> {
-    let r = req
-        .resources
-        .as_ref()
-        .ok_or_else(|| AgentError::InvalidArgument("update without resources".into()))?;
-    let (a, id, r) = (
-        agent.clone(),
-        req.container_id.clone(),
-        resources_from_proto(r),
-    );
+    let a = agent.clone();
     // Lowering memory.max makes the write reclaim memory first: blocking.
-    tokio::task::spawn_blocking(move || update::update(&a, &id, &r))
+    tokio::task::spawn_blocking(move || update::update(&a, &req.container_id, &req.resources_json))
         .await
         .map_err(|e| AgentError::internal("update task", e))??;
     Ok(UpdateContainerResponse::default())
@@ -157,17 +139,5 @@ mod tests {
         let bytes = p.write_to_bytes().unwrap();
         let back = StatsContainerResponse::parse_from_bytes(&bytes).unwrap();
         assert_eq!(back.memory.oom_kill_events, 1);
-    }
-
-    #[test]
-    fn resources_mapping() {
-        let r = LinuxResources {
-            memory_limit_bytes: 1 << 25,
-            pids_limit: -1,
-            ..Default::default()
-        };
-        let u = resources_from_proto(&r);
-        assert_eq!(u.memory_limit_bytes, 1 << 25);
-        assert_eq!(u.pids_limit, -1);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use vmpod_runtime::agent_client::{AgentClient, ExecSpec, OutputStream, AGENT_VSOCK_PORT};
+use vmpod_runtime::agent_client::{agent, AgentClient, ExecSpec, OutputStream, AGENT_VSOCK_PORT};
 
 #[derive(Args)]
 pub struct AgentCtlArgs {
@@ -137,6 +137,29 @@ enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Change a container's resources: an OCI `linux.resources` JSON file
+    /// and/or the flags (which override the file's values).
+    Update {
+        #[arg(long)]
+        id: String,
+        /// OCI LinuxResources JSON (as in config.json's linux.resources).
+        #[arg(long)]
+        resources: Option<PathBuf>,
+        /// memory.max in bytes (-1: unlimited).
+        #[arg(long, allow_hyphen_values = true)]
+        memory: Option<i64>,
+        /// cpu.max quota in microseconds per period (-1: unlimited).
+        #[arg(long, allow_hyphen_values = true)]
+        cpu_quota: Option<i64>,
+        #[arg(long)]
+        cpu_period: Option<u64>,
+        /// cpuset.cpus, e.g. 0-1.
+        #[arg(long)]
+        cpuset_cpus: Option<String>,
+        /// pids.max (0 or -1: unlimited).
+        #[arg(long, allow_hyphen_values = true)]
+        pids: Option<i64>,
+    },
     /// cgroup statistics of a container.
     Stats {
         #[arg(long)]
@@ -216,6 +239,53 @@ pub fn minimal_spec(
         spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": m}});
     }
     spec
+}
+
+/// Flags of `update` that override the resources file.
+#[derive(Default)]
+pub struct ResourceFlags {
+    pub memory: Option<i64>,
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    pub cpuset_cpus: Option<String>,
+    pub pids: Option<i64>,
+}
+
+/// The OCI LinuxResources for `update`: the file's JSON (if any) with the
+/// flags set over it.
+pub fn update_resources(
+    file: Option<&[u8]>,
+    flags: &ResourceFlags,
+) -> anyhow::Result<agent::LinuxResources> {
+    let mut v: serde_json::Value = match file {
+        Some(b) => serde_json::from_slice(b).context("resources file is not JSON")?,
+        None => serde_json::json!({}),
+    };
+    if !v.is_object() {
+        bail!("resources must be a JSON object (OCI linux.resources)");
+    }
+    let mut set = |section: &str, key: &str, val: serde_json::Value| {
+        if !v[section].is_object() {
+            v[section] = serde_json::json!({});
+        }
+        v[section][key] = val;
+    };
+    if let Some(m) = flags.memory {
+        set("memory", "limit", m.into());
+    }
+    if let Some(q) = flags.cpu_quota {
+        set("cpu", "quota", q.into());
+    }
+    if let Some(p) = flags.cpu_period {
+        set("cpu", "period", p.into());
+    }
+    if let Some(c) = &flags.cpuset_cpus {
+        set("cpu", "cpus", c.clone().into());
+    }
+    if let Some(p) = flags.pids {
+        set("pids", "limit", p.into());
+    }
+    serde_json::from_value(v).context("not an OCI LinuxResources")
 }
 
 async fn print_stream(
@@ -418,6 +488,32 @@ async fn run_async(a: AgentCtlArgs) -> anyhow::Result<ExitCode> {
                 std::io::stdout().write_all(&d)?;
             }
         }
+        Cmd::Update {
+            id,
+            resources,
+            memory,
+            cpu_quota,
+            cpu_period,
+            cpuset_cpus,
+            pids,
+        } => {
+            let file = match &resources {
+                Some(p) => {
+                    Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
+                }
+                None => None,
+            };
+            let flags = ResourceFlags {
+                memory,
+                cpu_quota,
+                cpu_period,
+                cpuset_cpus,
+                pids,
+            };
+            let r = update_resources(file.as_deref(), &flags)?;
+            c.update_container(&id, r).await?;
+            println!("updated {id}");
+        }
         Cmd::Stats { id } => {
             let s = c.stats(&id).await?;
             println!(
@@ -549,5 +645,31 @@ mod tests {
         assert_eq!(s["process"]["args"][1], "hi");
         assert_eq!(s["linux"]["resources"]["memory"]["limit"], 1 << 25);
         assert!(text.contains("\"hostname\":\"h\""));
+    }
+
+    #[test]
+    fn update_resources_from_file_and_flags() {
+        let file = br#"{"memory":{"limit":1048576,"swap":2097152},"unified":{"memory.high":"1"}}"#;
+        let flags = ResourceFlags {
+            memory: Some(4194304),
+            cpuset_cpus: Some("0".into()),
+            pids: Some(-1),
+            ..Default::default()
+        };
+        let r = update_resources(Some(file), &flags).unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["memory"]["limit"], 4194304, "flag over file");
+        assert_eq!(v["memory"]["swap"], 2097152);
+        assert_eq!(v["cpu"]["cpus"], "0");
+        assert_eq!(v["pids"]["limit"], -1);
+        assert_eq!(v["unified"]["memory.high"], "1");
+        let none = update_resources(None, &ResourceFlags::default()).unwrap();
+        assert_eq!(serde_json::to_value(&none).unwrap(), serde_json::json!({}));
+        assert!(update_resources(Some(b"[1]"), &ResourceFlags::default()).is_err());
+        assert!(update_resources(
+            Some(br#"{"memory":{"limit":"x"}}"#),
+            &ResourceFlags::default()
+        )
+        .is_err());
     }
 }

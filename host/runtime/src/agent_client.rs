@@ -432,12 +432,16 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Apply OCI `linux.resources` ([`agent::LinuxResources`]) to a
+    /// container, translated as the spec's are at create: omitted fields
+    /// (and memory/cpu values of 0) stay as they are, -1 lifts a limit.
     pub async fn update_container(&self, id: &str, resources: LinuxResources) -> Result<()> {
-        let req = UpdateContainerRequest {
-            container_id: id.into(),
-            resources: Some(resources).into(),
-            ..Default::default()
-        };
+        let req = UpdateContainerRequest::new_for(id, &resources).map_err(|e| {
+            AgentClientError::Transport {
+                op: "update container",
+                message: format!("encoding resources: {e}"),
+            }
+        })?;
         self.call(
             "update container",
             self.agent().update_container(self.ctx(), &req),

@@ -191,34 +191,44 @@ pub fn init_stage(spec: &Spec, rootfs_override: Option<&str>) -> Result<StageCon
     for m in spec.mounts().as_deref().unwrap_or_default() {
         mounts.push(mount_config(m)?);
     }
+    // Defaults for what the spec leaves out, mounted before the spec's
+    // own (which may lie beneath them, e.g. /sys/fs/cgroup under /sys).
     let has = |d: &str| mounts.iter().any(|m: &MountConfig| m.destination == d);
-    let (has_proc, has_dev, has_sys) = (has("/proc"), has("/dev"), has("/sys"));
-    if !has_proc {
-        mounts.insert(0, default_mount("/proc", "proc", "proc", ""));
+    let mut defaults = Vec::new();
+    if !has("/proc") {
+        defaults.push(default_mount("/proc", "proc", "proc", ""));
     }
-    if !has_dev {
-        mounts.insert(
-            1,
-            default_mount("/dev", "tmpfs", "tmpfs", "mode=755,size=65536k"),
-        );
-        mounts.push(default_mount(
-            "/dev/pts",
-            "devpts",
-            "devpts",
-            "newinstance,ptmxmode=0666,mode=0620",
-        ));
-        mounts.push(default_mount(
-            "/dev/shm",
-            "shm",
+    if !has("/dev") {
+        defaults.push(default_mount(
+            "/dev",
             "tmpfs",
-            "mode=1777,size=65536k",
+            "tmpfs",
+            "mode=755,size=65536k",
         ));
+        if !has("/dev/pts") {
+            defaults.push(default_mount(
+                "/dev/pts",
+                "devpts",
+                "devpts",
+                "newinstance,ptmxmode=0666,mode=0620",
+            ));
+        }
+        if !has("/dev/shm") {
+            defaults.push(default_mount(
+                "/dev/shm",
+                "shm",
+                "tmpfs",
+                "mode=1777,size=65536k",
+            ));
+        }
     }
-    if !has_sys {
+    if !has("/sys") {
         let mut m = default_mount("/sys", "sysfs", "sysfs", "");
         m.flags |= MsFlags::MS_RDONLY.bits();
-        mounts.push(m);
+        defaults.push(m);
     }
+    defaults.append(&mut mounts);
+    let mounts = defaults;
     let populate_dev = mounts
         .iter()
         .any(|m| m.destination == "/dev" && m.fstype == "tmpfs");
@@ -408,7 +418,7 @@ pub(super) mod tests {
         let dests: Vec<_> = root.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(
             dests,
-            ["/proc", "/dev", "/data", "/dev/pts", "/dev/shm", "/sys"]
+            ["/proc", "/dev", "/dev/pts", "/dev/shm", "/sys", "/data"]
         );
         assert!(root.populate_dev);
         let p = &cfg.process;
@@ -551,5 +561,30 @@ pub(super) mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("linux.rootfsPropagation"), "{e}");
+    }
+
+    #[test]
+    fn default_mounts_go_under_the_specs() {
+        let mut v: serde_json::Value = serde_json::from_str(BASE).unwrap();
+        v["mounts"] = serde_json::json!([
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["size=1m"]}
+        ]);
+        let cfg = init_stage(&serde_json::from_value(v).unwrap(), None).unwrap();
+        let StageMode::Init(root) = &cfg.mode else {
+            panic!("init mode")
+        };
+        let dests: Vec<_> = root.mounts.iter().map(|m| m.destination.as_str()).collect();
+        assert_eq!(
+            dests,
+            [
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/dev/shm"
+            ]
+        );
     }
 }

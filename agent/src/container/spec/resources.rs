@@ -5,26 +5,35 @@ use oci_spec::runtime::{LinuxBlockIo, LinuxHugepageLimit, LinuxResources};
 use super::SpecError;
 
 /// cgroup v2 interface files to write for the spec's resources, in order.
+/// The same translation serves CreateContainer and UpdateContainer, so an
+/// omitted field — or a memory or cpu value of 0 — leaves its setting as
+/// it is; -1 means unlimited (`max`). (`pids.limit` 0 is unlimited: the
+/// OCI default.)
 pub fn cgroup_writes(r: &LinuxResources) -> Result<Vec<(String, String)>, SpecError> {
     let mut w = Vec::new();
     if let Some(mem) = r.memory() {
-        if let Some(limit) = mem.limit() {
-            w.push(("memory.max".into(), limit_value(limit)));
-            if let Some(swap) = mem.swap() {
-                // OCI's swap is memory+swap; cgroup v2 wants swap alone.
-                let v = if swap < 0 || limit < 0 {
-                    "max".to_string()
-                } else if swap < limit {
-                    return Err(SpecError::BadResource(format!(
-                        "memory.swap ({swap}) lower than memory.limit ({limit})"
-                    )));
-                } else {
-                    (swap - limit).to_string()
-                };
-                w.push(("memory.swap.max".into(), v));
+        let limit = mem.limit().filter(|l| *l != 0);
+        if let Some(l) = limit {
+            w.push(("memory.max".into(), limit_value(l)));
+        }
+        // OCI's swap is memory+swap; cgroup v2 wants swap alone.
+        match (limit, mem.swap().filter(|s| *s != 0)) {
+            (_, None) => {}
+            (_, Some(s)) if s < 0 => w.push(("memory.swap.max".into(), "max".into())),
+            (Some(l), Some(_)) if l < 0 => w.push(("memory.swap.max".into(), "max".into())),
+            (Some(l), Some(s)) if s < l => {
+                return Err(SpecError::BadResource(format!(
+                    "memory.swap ({s}) lower than memory.limit ({l})"
+                )))
+            }
+            (Some(l), Some(s)) => w.push(("memory.swap.max".into(), (s - l).to_string())),
+            (None, Some(s)) => {
+                return Err(SpecError::BadResource(format!(
+                    "memory.swap ({s}) is memory+swap: it needs memory.limit"
+                )))
             }
         }
-        if let Some(res) = mem.reservation() {
+        if let Some(res) = mem.reservation().filter(|r| *r != 0) {
             w.push(("memory.low".into(), limit_value(res)));
         }
     }
@@ -34,13 +43,18 @@ pub fn cgroup_writes(r: &LinuxResources) -> Result<Vec<(String, String)>, SpecEr
                 w.push(("cpu.weight".into(), shares_to_weight(shares).to_string()));
             }
         }
-        if cpu.quota().is_some() || cpu.period().is_some() {
-            let period = cpu.period().unwrap_or(100_000);
-            let quota = match cpu.quota() {
+        let quota = cpu.quota().filter(|q| *q != 0);
+        let period = cpu.period().filter(|p| *p != 0);
+        if quota.is_some() || period.is_some() {
+            // "$QUOTA [$PERIOD]" (as runc: a period alone lifts the quota).
+            let mut v = match quota {
                 Some(q) if q > 0 => q.to_string(),
-                _ => "max".into(),
+                _ => "max".to_string(),
             };
-            w.push(("cpu.max".into(), format!("{quota} {period}")));
+            if let Some(p) = period {
+                v.push_str(&format!(" {p}"));
+            }
+            w.push(("cpu.max".into(), v));
         }
         if let Some(cpus) = cpu.cpus().as_ref().filter(|s| !s.is_empty()) {
             w.push(("cpuset.cpus".into(), cpus.clone()));
@@ -385,5 +399,43 @@ mod tests {
         let s = spec(BASE);
         let r = s.linux().as_ref().unwrap().resources().as_ref().unwrap();
         assert!(check_controllers(r, guest).is_ok());
+    }
+
+    #[test]
+    fn zero_leaves_settings_alone_and_minus_one_lifts_them() {
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":0,"reservation":0,"swap":0},"cpu":{"shares":0,"quota":0}}"#,
+        )
+        .unwrap();
+        assert!(cgroup_writes(&r).unwrap().is_empty());
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":-1,"reservation":-1,"swap":-1},"cpu":{"quota":-1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup_writes(&r).unwrap(),
+            vec![
+                ("memory.max".to_string(), "max".to_string()),
+                ("memory.swap.max".into(), "max".into()),
+                ("memory.low".into(), "max".into()),
+                ("cpu.max".into(), "max".into()),
+            ]
+        );
+        // A reservation is a reservation, not unlimited protection.
+        let r: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"reservation":1048576}}"#).unwrap();
+        assert_eq!(
+            cgroup_writes(&r).unwrap(),
+            vec![("memory.low".to_string(), "1048576".to_string())]
+        );
+        // A quota alone keeps the period.
+        let r: LinuxResources = serde_json::from_str(r#"{"cpu":{"quota":20000}}"#).unwrap();
+        assert_eq!(
+            cgroup_writes(&r).unwrap(),
+            vec![("cpu.max".to_string(), "20000".to_string())]
+        );
+        // memory+swap needs the memory part.
+        let r: LinuxResources = serde_json::from_str(r#"{"memory":{"swap":1048576}}"#).unwrap();
+        assert!(cgroup_writes(&r).is_err());
     }
 }
