@@ -36,8 +36,11 @@ impl Error {
 /// or crashes, or SIGTERM/SIGINT arrives (handled here: the VM is stopped
 /// and `Stopped` returned). The vsock socket is removed on return.
 pub fn run_foreground(config: &VmConfig, opts: &RunOptions) -> Result<ExitReason, Error> {
+    // Before build: a stop signal during build must not kill us with the
+    // vsock socket bound.
+    let stop = vmm::StopSignal::install()?;
     let vm = builder::build(config, opts)?;
-    Ok(vmm::run(vm)?)
+    Ok(vmm::run(vm, stop)?)
 }
 
 pub use builder::RunOptions;

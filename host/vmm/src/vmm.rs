@@ -52,8 +52,44 @@ fn vcpu_kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
+/// SIGTERM/SIGINT turned into an event the run loop watches. Install it
+/// before [`crate::builder::build`]: building binds the vsock socket, and a
+/// stop signal taking its default action (death) after that would leave
+/// the socket file behind; with the handler in place the run ends at once
+/// as `Stopped` and removes it.
+pub struct StopSignal {
+    evt: Arc<EventFd>,
+}
+
+impl StopSignal {
+    pub fn install() -> Result<StopSignal, Error> {
+        let evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+            op: "eventfd",
+            source,
+        })?);
+        STOP_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            register_signal_handler(sig, on_stop_signal)
+                .map_err(|e| Error::Signal(e.to_string()))?;
+        }
+        Ok(StopSignal { evt })
+    }
+
+    /// Did a stop signal arrive already (consumes it)?
+    fn take_early(&self) -> bool {
+        self.evt.read().is_ok()
+    }
+}
+
+impl Drop for StopSignal {
+    fn drop(&mut self) {
+        // The handlers stay; with no fd they do nothing.
+        STOP_FD.store(-1, Ordering::SeqCst);
+    }
+}
+
 /// Run the VM until it stops; returns why.
-pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
+pub fn run(vm: BuiltVm, stop_signal: StopSignal) -> Result<ExitReason, Error> {
     let BuiltVm {
         vcpus,
         vm: _vm_fd,
@@ -66,20 +102,12 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
         cmdline: _,
     } = vm;
 
-    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
-        op: "eventfd",
-        source,
-    })?);
-    STOP_FD.store(stop_evt.as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        register_signal_handler(sig, on_stop_signal).map_err(|e| Error::Signal(e.to_string()))?;
-    }
     register_signal_handler(vcpu_kick_signal(), on_kick)
         .map_err(|e| Error::Signal(e.to_string()))?;
 
     let mut event_loop = event_loop::setup(event_loop::LoopParts {
         exit: exit.clone(),
-        stop: stop_evt.clone(),
+        stop: stop_signal.evt.clone(),
         virtio: virtio.clone(),
         serial: serial.clone(),
     })
@@ -87,6 +115,9 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
+    // Stopped while it was being built: the guest never runs.
+    let stopped_early = stop_signal.take_early();
+    let vcpus = if stopped_early { Vec::new() } else { vcpus };
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (io, exit, stop) = (io.clone(), exit.clone(), stop.clone());
         let h = std::thread::Builder::new()
@@ -97,7 +128,12 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
     }
 
     let started = Instant::now();
-    let reason = event_loop.run();
+    let reason = if stopped_early {
+        tracing::info!("stop signal received while the VM was built");
+        ExitReason::Stopped
+    } else {
+        event_loop.run()
+    };
     drop(event_loop);
     tracing::info!(
         ?reason,
@@ -112,7 +148,7 @@ pub fn run(vm: BuiltVm) -> Result<ExitReason, Error> {
         .unwrap_or_else(|e| e.into_inner())
         .sink_mut()
         .finish();
-    STOP_FD.store(-1, Ordering::SeqCst);
+    drop(stop_signal);
     for t in &virtio {
         let (name, stats) = t.lock().unwrap_or_else(|e| e.into_inner()).device().stats();
         tracing::info!(device = name, %stats, "device stats");
@@ -357,6 +393,18 @@ mod tests {
             source: kvm_ioctls::Error::new(libc::EFAULT),
         })]);
         assert!(why.starts_with("vCPU 1: KVM ioctl KVM_RUN failed"), "{why}");
+    }
+
+    /// Once installed (before build), SIGTERM is an event, not death.
+    #[test]
+    fn stop_signal_turns_sigterm_into_an_event() {
+        let s = StopSignal::install().unwrap();
+        assert!(!s.take_early());
+        // SAFETY: raise(3) on this process; our handler only writes an
+        // eventfd.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        assert!(s.take_early(), "the handler wrote the event");
+        assert!(!s.take_early(), "consumed");
     }
 
     #[test]

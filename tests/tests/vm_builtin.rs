@@ -1,11 +1,12 @@
-//! The built-in VMM's console on this host's KVM (kernel mode only, so it
-//! runs on PVM hosts too): the user's `console=` does not take the serial
-//! port away, and the log cap holds while crash detection goes on past it.
+//! The built-in VMM on this host's KVM, kernel mode only (so it runs on
+//! PVM hosts too): the user's `console=` does not take the serial port
+//! away, the log cap holds while crash detection goes on past it, and a
+//! SIGTERM while the VM is being built leaves nothing behind.
 //!
 //! Needs: /dev/kvm, build/guest/vmlinux (make guest-kernel). Guest kernel
 //! mode is emulated on PVM hosts: one boot takes ~20-60 s.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmpod_runtime::hypervisor::ExitReason;
 use vmpod_tests::build_dir;
@@ -60,4 +61,47 @@ fn builtin_panic_seen_past_the_log_cap_with_another_console() {
     let len = log.len() as u64;
     assert!(len > CAP && len <= CAP + 200, "{len} bytes");
     assert!(!dir.path().join(VSOCK_UDS).exists());
+}
+
+/// SIGTERM the moment the vsock socket appears, i.e. while the VM is
+/// being built (the socket is bound before the kernel is loaded): the
+/// handler is installed before build, so the run ends as `Stopped`
+/// (exit 0) and removes the socket instead of dying with it in place.
+#[test]
+fn builtin_sigterm_during_build_leaves_no_socket() {
+    if let Some(why) = vmpod_tests::device_unavailable("/dev/kvm") {
+        eprintln!("SKIP builtin_sigterm_during_build_leaves_no_socket: {why}");
+        return;
+    }
+    let kernel = build_dir().join("guest/vmlinux");
+    assert!(kernel.exists(), "run `make guest-kernel` first");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join(VSOCK_UDS);
+    let child = ChildGuard::spawn(
+        vm_run_command(dir.path())
+            .args(["--hypervisor", "builtin", "--memory-mib", "128"])
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--cmdline", "root=/dev/missing rootwait"])
+            .arg("--exit-json")
+            .arg(dir.path().join(EXIT_JSON)),
+    );
+    let start = Instant::now();
+    while !uds.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no vsock socket");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.sigterm();
+    let out = child.wait_exit(Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "SIGTERM → Stopped, exit 0 ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        exit_reason(&dir.path().join(EXIT_JSON)),
+        ExitReason::Stopped
+    );
+    assert!(!uds.exists(), "vsock socket removed");
 }
