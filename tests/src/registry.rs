@@ -245,11 +245,14 @@ impl Drop for Registry {
 
 /// A bearer-token realm in front of a registry: every `/v2/` request needs
 /// `Authorization: Bearer <token>`; tokens come from `GET /token` with HTTP
-/// basic credentials `user:password`. Otherwise it forwards requests (GET and
+/// basic credentials `user:password`, or from `POST /token` with an OAuth2
+/// refresh token (`grant_type=refresh_token&refresh_token=…`, the flow a
+/// CRI `identity_token` uses). Otherwise it forwards requests (GET and
 /// HEAD, which is all a pull needs) to the backend unchanged.
 pub struct BearerProxy {
     port: u16,
     token: String,
+    refresh_token: String,
     task: tokio::task::JoinHandle<()>,
     /// Token requests seen (`(scope, service)` query strings).
     pub token_requests: Arc<Mutex<Vec<String>>>,
@@ -261,6 +264,7 @@ impl BearerProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let token = format!("tok-{}-{}", std::process::id(), port);
+        let refresh_token = format!("refresh-{}-{}", std::process::id(), port);
         let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
@@ -270,6 +274,7 @@ impl BearerProxy {
             backend: backend.to_string(),
             realm: format!("http://127.0.0.1:{port}/token"),
             token: token.clone(),
+            refresh_token: refresh_token.clone(),
             basic,
             token_requests: token_requests.clone(),
         });
@@ -287,6 +292,7 @@ impl BearerProxy {
         Ok(BearerProxy {
             port,
             token,
+            refresh_token,
             task,
             token_requests,
         })
@@ -300,6 +306,11 @@ impl BearerProxy {
     pub fn token(&self) -> &str {
         &self.token
     }
+
+    /// The OAuth2 refresh token `POST /token` accepts (an `identity_token`).
+    pub fn refresh_token(&self) -> &str {
+        &self.refresh_token
+    }
 }
 
 impl Drop for BearerProxy {
@@ -312,6 +323,7 @@ struct ProxyState {
     backend: String,
     realm: String,
     token: String,
+    refresh_token: String,
     basic: String,
     token_requests: Arc<Mutex<Vec<String>>>,
 }
@@ -331,6 +343,12 @@ impl ProxyState {
                 bail!("request head too large");
             }
         }
+        let head_end = head
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .unwrap_or(head.len());
+        let mut body = head.split_off(head_end);
         let text = String::from_utf8_lossy(&head).into_owned();
         let mut lines = text.split("\r\n");
         let request_line = lines.next().unwrap_or_default().to_string();
@@ -346,6 +364,50 @@ impl ProxyState {
             })
             .unwrap_or_default();
 
+        if target.starts_with("/token") && method == "POST" {
+            // OAuth2 refresh-token grant, form-encoded.
+            let len: usize = header(&text, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while body.len() < len.min(64 * 1024) {
+                let n = sock.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&buf[..n]);
+            }
+            let form = form_decode(&String::from_utf8_lossy(&body));
+            let field = |k: &str| {
+                form.iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.as_str())
+                    .unwrap_or("")
+            };
+            self.token_requests.lock().unwrap().push(format!(
+                "POST grant_type={} service={} scope={} client_id={}",
+                field("grant_type"),
+                field("service"),
+                field("scope"),
+                field("client_id")
+            ));
+            if field("grant_type") != "refresh_token"
+                || field("refresh_token") != self.refresh_token
+            {
+                return respond(
+                    &mut sock,
+                    "401 Unauthorized",
+                    "application/json",
+                    b"{\"error\":\"invalid_grant\"}",
+                )
+                .await;
+            }
+            let body = format!(
+                "{{\"access_token\":\"{}\",\"expires_in\":300,\"scope\":\"{}\"}}",
+                self.token,
+                field("scope")
+            );
+            return respond(&mut sock, "200 OK", "application/json", body.as_bytes()).await;
+        }
         if target.starts_with("/token") {
             let query = target
                 .split_once('?')
@@ -421,6 +483,40 @@ impl ProxyState {
         sock.shutdown().await?;
         Ok(())
     }
+}
+
+/// `a=1&b=x%2By` → [("a", "1"), ("b", "x+y")] (`+` is a space).
+fn form_decode(s: &str) -> Vec<(String, String)> {
+    let dec = |v: &str| {
+        let b = v.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(x) => {
+                            out.push(x);
+                            i += 2;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (dec(k), dec(v))
+        })
+        .collect()
 }
 
 fn header(head: &str, name: &str) -> Option<String> {

@@ -383,6 +383,47 @@ async fn bearer_token_auth() {
     assert!(!proxy.token_requests.lock().unwrap().is_empty());
 }
 
+/// `identity_token` (an OAuth2 refresh token) is exchanged at the token
+/// realm (`POST`, `grant_type=refresh_token`) for the access token the
+/// registry then accepts; a wrong one is UNAUTHENTICATED, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_token_is_exchanged_for_an_access_token() {
+    require_registry!();
+    let (reg, img) = registry_with_busybox().await;
+    let proxy = BearerProxy::start(&reg.addr(), "bob", "t0ken")
+        .await
+        .unwrap();
+    let (_d, mut c) = daemon().await;
+    let name = format!("{}/test/busybox:v1", proxy.addr());
+    let identity = |t: &str| cri::AuthConfig {
+        identity_token: t.into(),
+        ..Default::default()
+    };
+
+    let e = c
+        .pull(&name, Some(identity("not-the-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("identity token"), "{e:?}");
+    assert!(c.list(None).await.unwrap().is_empty());
+
+    let id = c
+        .pull(&name, Some(identity(proxy.refresh_token())))
+        .await
+        .unwrap();
+    assert_eq!(id, img.config_digest);
+    let reqs = proxy.token_requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter().any(|r| r
+            == "POST grant_type=refresh_token service=vmpod-test \
+                scope=repository:test/busybox:pull client_id=vmpod"),
+        "{reqs:?}"
+    );
+    // Only the OAuth flow was used: no GET of the realm with basic credentials.
+    assert!(reqs.iter().all(|r| r.starts_with("POST ")), "{reqs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_arch_index_resolves_to_amd64() {
     require_registry!();

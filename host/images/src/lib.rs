@@ -18,6 +18,7 @@ mod content;
 mod dedup;
 mod error;
 mod meta;
+mod oauth;
 mod pull;
 pub mod reference;
 mod registry;

@@ -122,13 +122,31 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
     Ok(out)
 }
 
-/// `Auth` from CRI -> `oci-client` credentials.
-pub fn registry_auth(auth: Option<&Auth>) -> Result<RegistryAuth> {
+/// Credentials for a pull.
+#[derive(Clone)]
+pub enum Creds {
+    /// Used as they are at every endpoint.
+    Fixed(RegistryAuth),
+    /// An OAuth2 refresh token (CRI `identity_token`), exchanged at each
+    /// endpoint's token realm for an access token ([`crate::oauth`]).
+    Refresh(String),
+}
+
+/// `Auth` from CRI -> credentials, in containerd's order (its CRI
+/// `ParseAuth`): `username`/`password`, then `identity_token`, then `auth`
+/// (base64 `user:pass`), then `registry_token` (a ready bearer token).
+pub fn registry_auth(auth: Option<&Auth>) -> Result<Creds> {
     let Some(a) = auth else {
-        return Ok(RegistryAuth::Anonymous);
+        return Ok(Creds::Fixed(RegistryAuth::Anonymous));
     };
     if !a.username.is_empty() || !a.password.is_empty() {
-        return Ok(RegistryAuth::Basic(a.username.clone(), a.password.clone()));
+        return Ok(Creds::Fixed(RegistryAuth::Basic(
+            a.username.clone(),
+            a.password.clone(),
+        )));
+    }
+    if !a.identity_token.is_empty() {
+        return Ok(Creds::Refresh(a.identity_token.clone()));
     }
     if !a.auth.is_empty() {
         let bad = |why: &str| ImageError::Unauthorized {
@@ -140,12 +158,29 @@ pub fn registry_auth(auth: Option<&Auth>) -> Result<RegistryAuth> {
             .map_err(|e| bad(&e.to_string()))?;
         let s = String::from_utf8(raw).map_err(|_| bad("not UTF-8"))?;
         let (u, p) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
-        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+        return Ok(Creds::Fixed(RegistryAuth::Basic(
+            u.to_string(),
+            p.to_string(),
+        )));
     }
     if !a.registry_token.is_empty() {
-        return Ok(RegistryAuth::Bearer(a.registry_token.clone()));
+        return Ok(Creds::Fixed(RegistryAuth::Bearer(a.registry_token.clone())));
     }
-    Ok(RegistryAuth::Anonymous)
+    Ok(Creds::Fixed(RegistryAuth::Anonymous))
+}
+
+/// The credentials to use at `ep`: fixed ones as they are; a refresh token
+/// exchanged there for an access token.
+async fn creds_for(shown: &str, ep: &Endpoint, repo: &str, creds: &Creds) -> Result<RegistryAuth> {
+    match creds {
+        Creds::Fixed(c) => Ok(c.clone()),
+        Creds::Refresh(t) => Ok(
+            match crate::oauth::access_token(shown, ep, repo, t).await? {
+                Some(token) => RegistryAuth::Bearer(token),
+                None => RegistryAuth::Anonymous,
+            },
+        ),
+    }
 }
 
 /// A connection to the endpoint that answered for one image.
@@ -204,6 +239,7 @@ impl Remote {
             let scheme = if ep.plain_http { "http" } else { "https" };
             info!(image = %shown, endpoint = %format!("{scheme}://{}", ep.host), mirror = ep.mirror, "resolving");
             let attempt = async {
+                let creds = creds_for(&shown, &ep, &r.repository, &creds).await?;
                 client
                     .auth(&reference, &creds, RegistryOperation::Pull)
                     .await
@@ -545,18 +581,22 @@ mod tests {
 
     #[test]
     fn credentials() {
+        let basic = |c: Creds| match c {
+            Creds::Fixed(RegistryAuth::Basic(u, p)) => (u, p),
+            _ => panic!("not basic"),
+        };
         assert!(matches!(
             registry_auth(None).unwrap(),
-            RegistryAuth::Anonymous
+            Creds::Fixed(RegistryAuth::Anonymous)
         ));
         let a = Auth {
             auth: base64::engine::general_purpose::STANDARD.encode("u:p:x"),
             ..Default::default()
         };
-        match registry_auth(Some(&a)).unwrap() {
-            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("u", "p:x")),
-            o => panic!("{o:?}"),
-        }
+        assert_eq!(
+            basic(registry_auth(Some(&a)).unwrap()),
+            ("u".into(), "p:x".into())
+        );
         let a = Auth {
             auth: "!!!".into(),
             ..Default::default()
@@ -571,7 +611,24 @@ mod tests {
         };
         assert!(matches!(
             registry_auth(Some(&a)).unwrap(),
-            RegistryAuth::Bearer(_)
+            Creds::Fixed(RegistryAuth::Bearer(_))
         ));
+        // containerd's order: username/password, identity token, auth.
+        let a = Auth {
+            identity_token: "refresh".into(),
+            auth: base64::engine::general_purpose::STANDARD.encode("u:p"),
+            ..Default::default()
+        };
+        assert!(matches!(registry_auth(Some(&a)).unwrap(), Creds::Refresh(t) if t == "refresh"));
+        let a = Auth {
+            username: "u".into(),
+            password: "p".into(),
+            identity_token: "refresh".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            basic(registry_auth(Some(&a)).unwrap()),
+            ("u".into(), "p".into())
+        );
     }
 }

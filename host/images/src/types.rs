@@ -6,10 +6,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Credentials from the CRI `AuthConfig`.
 ///
-/// Used as: `username`/`password` (or `auth` = base64("user:pass")) for HTTP
-/// basic auth and for the bearer-token realm; `registry_token` is sent as a
-/// ready bearer token. `identity_token` (an OAuth2 refresh token) is not
-/// supported yet and is ignored.
+/// Used in containerd's order: `username`/`password` for HTTP basic auth
+/// and for the bearer-token realm; else `identity_token`, an OAuth2 refresh
+/// token exchanged at the token realm for an access token; else `auth`
+/// (base64 "user:pass") like `username`/`password`; else `registry_token`,
+/// sent as a ready bearer token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Auth {
     pub username: String,
