@@ -128,15 +128,19 @@ struct Active {
 
 impl Net {
     pub fn open(tap: &str, mac: [u8; 6]) -> Result<Self, Error> {
-        Ok(Self {
-            tap: Tap::open(tap)?,
+        Ok(Self::with_tap(Tap::open(tap)?, mac))
+    }
+
+    fn with_tap(tap: Tap, mac: [u8; 6]) -> Self {
+        Self {
+            tap,
             mac,
             active: None,
             rx_frame: None,
             rx_ready: true,
             rx_frames: 0,
             tx_frames: 0,
-        })
+        }
     }
 
     fn process_tx(&mut self) {
@@ -272,5 +276,195 @@ impl VirtioDevice for Net {
             "virtio-net",
             format!("rx_frames={} tx_frames={}", self.rx_frames, self.tx_frames),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::devices::virtio::test_util::{self, TestQueue};
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0e];
+    const RXQ: u64 = 0x1000;
+    const TXQ: u64 = 0x2000;
+
+    /// A TAP stand-in: a SOCK_SEQPACKET pair keeps frame boundaries as a
+    /// TAP does. Returns the device's end as a [`Tap`] and the host's end.
+    fn tap_pair() -> (Tap, File) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills the two fds we pass.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: fresh fds we own.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        (
+            Tap {
+                file: File::from(a),
+            },
+            File::from(b),
+        )
+    }
+
+    struct Rig<'a> {
+        mem: &'a GuestMemoryMmap,
+        net: Net,
+        host: File,
+        rx: TestQueue<'a>,
+        tx: TestQueue<'a>,
+        irqs: std::sync::Arc<test_util::CountIrq>,
+    }
+
+    fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
+        let (tap, host) = tap_pair();
+        let mut net = Net::with_tap(tap, MAC);
+        let (rx, tx) = (TestQueue::new(mem, RXQ), TestQueue::new(mem, TXQ));
+        let (irq, irqs) = test_util::irq();
+        net.activate(mem.clone(), irq, vec![rx.queue(), tx.queue()])
+            .unwrap();
+        Rig {
+            mem,
+            net,
+            host,
+            rx,
+            tx,
+            irqs,
+        }
+    }
+
+    /// A frame as the TAP carries it: virtio-net header, then `payload`.
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn host_read(host: &mut File) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        match host.read(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let (tap, _host) = tap_pair();
+        let net = Net::with_tap(tap, MAC);
+        let mut mac = [0u8; 6];
+        net.read_config(0, &mut mac);
+        assert_eq!(mac, MAC);
+        let mut tail = [0xffu8; 4];
+        net.read_config(4, &mut tail);
+        assert_eq!(&tail[..2], &MAC[4..], "reads past the MAC are zero-filled");
+        assert_eq!(net.features() & VIRTIO_NET_F_MAC, VIRTIO_NET_F_MAC);
+        assert_eq!(net.features() & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+        assert_eq!(net.device_type(), TYPE_NET);
+    }
+
+    #[test]
+    fn tx_frames_reach_the_tap_whole_and_bad_chains_are_only_returned() {
+        let mem = test_util::mem();
+        let mut r = rig(&mem);
+        // Header and payload in separate descriptors.
+        let payload: Vec<u8> = (0..100u8).collect();
+        test_util::write(&mem, 0x10000, &[0; VNET_HDR_LEN]);
+        test_util::write(&mem, 0x20000, &payload);
+        r.tx.add_chain(&[(0x10000, VNET_HDR_LEN as u32, false), (0x20000, 100, false)]);
+        // A header without a frame, and a chain the device cannot read.
+        r.tx.add_chain(&[(0x10000, VNET_HDR_LEN as u32, false)]);
+        r.tx.add_chain(&[(0x30000, 64, true)]);
+        r.net.queue_notify(TX_QUEUE as u16);
+        assert_eq!(host_read(&mut r.host), Some(frame(&payload)));
+        assert_eq!(host_read(&mut r.host), None, "nothing else reached the TAP");
+        assert_eq!(r.tx.used_idx(), 3, "every chain is returned");
+        assert_eq!(r.tx.used(0).1, 0);
+        assert_eq!(r.net.stats().1, "rx_frames=0 tx_frames=1");
+        assert!(r.irqs.0.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn rx_frames_wait_for_guest_buffers_in_order() {
+        let mem = test_util::mem();
+        let mut r = rig(&mem);
+        let f1 = frame(b"first");
+        r.host.write_all(&f1).unwrap();
+        r.net.backend_event();
+        assert_eq!(r.rx.used_idx(), 0, "no buffer posted yet: held");
+        r.rx.add_chain(&[(0x40000, 2048, true)]);
+        r.net.queue_notify(RX_QUEUE as u16);
+        assert_eq!(r.rx.used_idx(), 1);
+        assert_eq!(r.rx.used(0).1, f1.len() as u32);
+        assert_eq!(test_util::read(r.mem, 0x40000, f1.len()), f1);
+
+        let (f2, f3) = (frame(b"second"), frame(b"third"));
+        r.host.write_all(&f2).unwrap();
+        r.host.write_all(&f3).unwrap();
+        r.rx.add_chain(&[(0x41000, 2048, true)]);
+        r.net.backend_event();
+        assert_eq!(r.rx.used_idx(), 2, "one buffer, one frame");
+        assert_eq!(test_util::read(r.mem, 0x41000, f2.len()), f2);
+        // A buffer split in two descriptors takes the held third frame.
+        r.rx.add_chain(&[(0x42000, 8, true), (0x43000, 2048, true)]);
+        r.net.queue_notify(RX_QUEUE as u16);
+        assert_eq!(r.rx.used_idx(), 3);
+        assert_eq!(r.rx.used(2).1, f3.len() as u32);
+        let mut got = test_util::read(r.mem, 0x42000, 8);
+        got.extend(test_util::read(r.mem, 0x43000, f3.len() - 8));
+        assert_eq!(got, f3);
+        assert_eq!(r.net.stats().1, "rx_frames=3 tx_frames=0");
+    }
+
+    #[test]
+    fn a_too_small_or_read_only_rx_buffer_drops_that_frame_only() {
+        let mem = test_util::mem();
+        let mut r = rig(&mem);
+        r.rx.add_chain(&[(0x40000, 32, true)]);
+        r.rx.add_chain(&[(0x41000, 2048, false)]);
+        r.host.write_all(&frame(&[7; 100])).unwrap();
+        r.host.write_all(&frame(&[8; 100])).unwrap();
+        r.net.backend_event();
+        assert_eq!(r.rx.used_idx(), 2);
+        assert_eq!(r.rx.used(0).1, 0, "too small: dropped");
+        assert_eq!(r.rx.used(1).1, 0, "not writable: dropped");
+        let f = frame(b"fits");
+        r.host.write_all(&f).unwrap();
+        r.rx.add_chain(&[(0x42000, 2048, true)]);
+        r.net.backend_event();
+        assert_eq!(r.rx.used(2).1, f.len() as u32);
+        assert_eq!(r.net.stats().1, "rx_frames=1 tx_frames=0");
+    }
+
+    #[test]
+    fn reset_drops_a_held_frame_and_needs_two_queues() {
+        let mem = test_util::mem();
+        let mut r = rig(&mem);
+        r.host.write_all(&frame(b"stale")).unwrap();
+        r.net.backend_event();
+        r.net.reset();
+        let rx = TestQueue::new(&mem, 0x5000);
+        let tx = TestQueue::new(&mem, 0x6000);
+        let (irq, _) = test_util::irq();
+        assert!(r
+            .net
+            .activate(mem.clone(), irq.clone(), vec![rx.queue()])
+            .is_err());
+        r.net
+            .activate(mem.clone(), irq, vec![rx.queue(), tx.queue()])
+            .unwrap();
+        let mut rx = rx;
+        rx.add_chain(&[(0x40000, 2048, true)]);
+        r.net.queue_notify(RX_QUEUE as u16);
+        assert_eq!(rx.used_idx(), 0, "the frame held before the reset is gone");
     }
 }
