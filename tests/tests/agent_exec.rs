@@ -457,3 +457,93 @@ fn update_applies_cpuset_and_unified_and_leaves_the_rest() {
         c.remove_container(id).await.unwrap();
     });
 }
+
+#[test]
+fn signals_report_failures_and_reach_all_processes() {
+    use vmpod_runtime::agent_client::Code::{FAILED_PRECONDITION, NOT_FOUND};
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        let id = "sigs";
+        c.create_container(id, bytes(&spec(&["sleep", "999"])), "", None, false)
+            .await
+            .unwrap();
+        // Not running yet: nothing to signal.
+        for all in [false, true] {
+            let e = c.signal(id, "", 15, all).await.unwrap_err();
+            assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
+        }
+        c.start_container(id).await.unwrap();
+        for all in [false, true] {
+            let e = c.signal(id, "no-such-exec", 15, all).await.unwrap_err();
+            assert_eq!(e.code(), Some(NOT_FOUND), "{e}");
+        }
+        let mut n = 0;
+        let mut ps = || {
+            n += 1;
+            let exec_id = format!("ps{n}");
+            async move {
+                let e = ExecSpec {
+                    args: vec!["ps".into(), "-o".into(), "args".into()],
+                    ..Default::default()
+                };
+                let (out, _, _) = c
+                    .exec_sync(id, &exec_id, &e, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        };
+        // An exec with a child in its process group.
+        let group = |secs: &str| ExecSpec {
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("sleep {secs} & echo started; wait"),
+            ],
+            ..Default::default()
+        };
+        for (exec_id, secs, all) in [("g1", "777", false), ("g2", "778", true)] {
+            c.exec(id, exec_id, &group(secs)).await.unwrap();
+            let (first, _) = c
+                .read_chunk(id, exec_id, OutputStream::Stdout, Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&first), "started\n");
+            c.signal(id, exec_id, 15, all).await.unwrap();
+            let st = c.wait(id, exec_id).await.unwrap();
+            assert_eq!(st.signal, 15, "{exec_id}: {st:?}");
+            let procs = ps().await;
+            let child_left = procs.contains(&format!("sleep {secs}"));
+            // Without `all` only the exec's own process gets it; with
+            // `all`, its whole process group.
+            assert_eq!(child_left, !all, "{exec_id}: {procs}");
+        }
+        // An exited exec is not signalled (or already retired).
+        let e = c.signal(id, "g1", 15, false).await.unwrap_err();
+        assert!(
+            matches!(e.code(), Some(FAILED_PRECONDITION) | Some(NOT_FOUND)),
+            "{e}"
+        );
+        // TERM to all: the orphaned `sleep 777` in the cgroup dies; the
+        // init, PID 1 of its namespace without a TERM handler, stays.
+        c.signal(id, "", 15, true).await.unwrap();
+        let t = Instant::now();
+        loop {
+            let procs = ps().await;
+            if !procs.contains("sleep 777") {
+                assert!(procs.contains("sleep 999"), "{procs}");
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{procs}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // KILL to all: the container stops; then it is not running.
+        c.signal(id, "", 9, true).await.unwrap();
+        let st = c.wait(id, "").await.unwrap();
+        assert_eq!(st.signal, 9, "{st:?}");
+        let e = c.signal(id, "", 9, true).await.unwrap_err();
+        assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
+        c.remove_container(id).await.unwrap();
+    });
+}

@@ -174,12 +174,14 @@ impl Cgroup {
             .map_err(err(&self.rel, "write", "cgroup.procs"))
     }
 
-    pub fn pids(&self, fs: &dyn CgroupFs) -> Vec<i32> {
-        fs.read(&self.rel, "cgroup.procs")
-            .unwrap_or_default()
+    /// The processes in the cgroup (`cgroup.procs`).
+    pub fn try_pids(&self, fs: &dyn CgroupFs) -> Result<Vec<i32>, CgroupError> {
+        Ok(fs
+            .read(&self.rel, "cgroup.procs")
+            .map_err(err(&self.rel, "read", "cgroup.procs"))?
             .lines()
             .filter_map(|l| l.trim().parse().ok())
-            .collect()
+            .collect())
     }
 
     /// A flat `key value` file (`memory.events`, `cpu.stat`, ...).
@@ -275,7 +277,7 @@ mod tests {
             "10"
         );
         cg.add_pid(&fs, 42).unwrap();
-        assert_eq!(cg.pids(&fs), vec![42]);
+        assert_eq!(cg.try_pids(&fs).unwrap(), vec![42]);
         std::fs::write(
             leaf.join("memory.events"),
             "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
