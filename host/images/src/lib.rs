@@ -25,6 +25,7 @@ mod registry;
 mod store;
 mod types;
 pub mod unpack;
+mod usage;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -53,6 +54,10 @@ impl ImageStore {
     /// pull (temp files, unreferenced blobs and layers) are removed.
     pub fn open(root: &Path, registries: RegistryConfig) -> Result<Self> {
         let inner = Inner::open(root, registries)?;
+        // Measure everything once now, so ImageFsInfo is cheap from the start.
+        if let Err(e) = inner.usage.measure(&inner.root) {
+            tracing::warn!(error = %e, "measuring the image store");
+        }
         Ok(ImageStore { inner })
     }
 
@@ -111,9 +116,14 @@ impl ImageStore {
         self.inner.gc()
     }
 
-    /// Bytes (allocated blocks) and inodes used under the store root.
+    /// Bytes (allocated blocks) and inodes used under the store root, as
+    /// a full walk counts them; finished blobs and layers are measured once
+    /// and cached (see `usage.rs`), so a call costs two directory reads.
     pub fn fs_usage(&self) -> Result<FsUsage> {
-        FsUsage::measure(&self.inner.root).ctx(|| format!("measure {}", self.inner.root.display()))
+        self.inner
+            .usage
+            .measure(&self.inner.root)
+            .ctx(|| format!("measure {}", self.inner.root.display()))
     }
 
     /// Counters since open: pulls, joined pulls, blobs and bytes downloaded.

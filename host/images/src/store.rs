@@ -23,6 +23,7 @@ use crate::error::{ImageError, Result, StoreContext};
 use crate::meta::{ImageMeta, MetaStore};
 use crate::reference::{as_id_prefix, ImageRef};
 use crate::types::{Auth, ImageRecord, PullStats, RegistryConfig};
+use crate::usage::UsageCache;
 
 pub(crate) struct Inner {
     pub root: PathBuf,
@@ -36,6 +37,8 @@ pub(crate) struct Inner {
     /// keeps them.
     protect: Mutex<HashMap<String, usize>>,
     key_locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// Cached per-blob / per-layer disk usage for `fs_usage`.
+    pub usage: UsageCache,
     pub stat_pulls: AtomicU64,
     pub stat_joined: AtomicU64,
     pub stat_blobs: AtomicU64,
@@ -124,6 +127,7 @@ impl Inner {
             pulls: Dedup::new(),
             protect: Mutex::new(HashMap::new()),
             key_locks: Mutex::new(HashMap::new()),
+            usage: UsageCache::default(),
             stat_pulls: AtomicU64::new(0),
             stat_joined: AtomicU64::new(0),
             stat_blobs: AtomicU64::new(0),

@@ -7,8 +7,58 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use common::*;
-use vmpod_images::{ImageError, ImageFilter};
+use vmpod_images::{FsUsage, ImageError, ImageFilter};
 use vmpod_tests::oci_image::{Compression, Entry, ImageBuilder, Layer};
+
+/// `fs_usage` (ImageFsInfo) is cached per blob and layer, yet equals a
+/// full walk of the store after pulls, a remove and a reopen.
+#[tokio::test(flavor = "multi_thread")]
+async fn fs_usage_is_cached_and_matches_a_full_walk() {
+    let Some(reg) = registry() else { return };
+    let a = image_with("a", Compression::Gzip);
+    let b = image_with("b", Compression::Zstd);
+    push(&reg, "test/a", "v1", &a).await;
+    push(&reg, "test/b", "v1", &b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let walk = || {
+        let w = FsUsage::measure(&root).unwrap();
+        (w.used_bytes, w.inodes_used)
+    };
+    let store = open(dir.path());
+    let cached = |s: &vmpod_images::ImageStore| {
+        let u = s.fs_usage().unwrap();
+        (u.used_bytes, u.inodes_used)
+    };
+    assert_eq!(cached(&store), walk(), "empty store");
+    let ra = store
+        .pull(&format!("{}/test/a:v1", reg.addr()), None)
+        .await
+        .unwrap();
+    assert_eq!(cached(&store), walk(), "after pulling a");
+    store
+        .pull(&format!("{}/test/b:v1", reg.addr()), None)
+        .await
+        .unwrap();
+    let both = cached(&store);
+    assert_eq!(both, walk(), "after pulling b");
+
+    // Cached: a file slipped into a finished layer is not seen by the
+    // store's figure (no walk), only by a full walk.
+    let extra = ra.layer_dirs[1].join("slipped-in");
+    std::fs::write(&extra, vec![9u8; 100_000]).unwrap();
+    assert_eq!(cached(&store), both, "a finished layer was walked again");
+    assert_ne!(walk(), both);
+    std::fs::remove_file(&extra).unwrap();
+
+    store.remove(&format!("{}/test/a:v1", reg.addr())).unwrap();
+    let after_rm = cached(&store);
+    assert_eq!(after_rm, walk(), "after removing a");
+    assert!(after_rm.0 < both.0 && after_rm.1 < both.1);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(cached(&store), walk(), "after reopening");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn remove_keeps_shared_layers_and_collects_the_rest() {
