@@ -147,13 +147,24 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     let accel = (choice.kind == HypervisorKind::Qemu)
         .then(|| args.accel.resolve(&flavour).ok())
         .flatten();
-    tracing::info!(
-        hypervisor = %choice.kind,
-        accel = ?accel,
-        requested = %requested.map_or("auto".to_string(), |k| k.to_string()),
-        reason = %choice.reason,
-        "hypervisor chosen"
-    );
+    // Info when we chose (auto); an explicit choice is only confirmed at
+    // debug level, so its bad-input errors stay the only stderr line.
+    macro_rules! chosen {
+        ($level:ident) => {
+            tracing::$level!(
+                hypervisor = %choice.kind,
+                accel = ?accel,
+                requested = %requested.map_or("auto".to_string(), |k| k.to_string()),
+                reason = %choice.reason,
+                "hypervisor chosen"
+            )
+        };
+    }
+    if requested.is_none() {
+        chosen!(info);
+    } else {
+        chosen!(debug);
+    }
     let reason = match choice.kind {
         HypervisorKind::Qemu => run_qemu(&config, args.accel, args.console_log_max)?,
         HypervisorKind::Builtin => run_builtin(&config, args.console_log_max)?,
