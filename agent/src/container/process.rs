@@ -176,21 +176,26 @@ pub fn launch(agent: &Arc<Agent>, l: Launch<'_>) -> Result<Arc<Process>> {
     }))
 }
 
-static PID_NS_LOCK: Mutex<()> = Mutex::new(());
-
-/// Run `f` (a clone) with this thread's children placed in `ns`.
-fn with_pid_ns<T>(ns: &File, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+/// Run `f` (a clone) on a short-lived thread whose children go to the
+/// PID namespace `ns`. The thread ends right after, so nothing has to be
+/// set back (a thread of the agent — PID 1 — left pointing its children
+/// at a container could not be repaired); its children are reparented to
+/// the agent's other threads, where the reaper collects them as usual.
+fn with_pid_ns<T: Send>(
+    ns: &File,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     use nix::sched::{setns, CloneFlags};
-    let _g = PID_NS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let own = File::open("/proc/self/ns/pid")?;
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWPID)?;
-    let r = f();
-    if let Err(e) = setns(own.as_fd(), CloneFlags::CLONE_NEWPID) {
-        // This thread would keep spawning into a container: unrecoverable.
-        tracing::error!(error = %e, "cannot restore PID namespace");
-        std::process::abort();
-    }
-    r
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name("pidns-clone".into())
+            .spawn_scoped(s, || {
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWPID)?;
+                f()
+            })?;
+        t.join()
+            .map_err(|_| std::io::Error::other("clone thread panicked"))?
+    })
 }
 
 enum StageStatus {
@@ -343,5 +348,31 @@ impl Process {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid_ns_for_children() -> std::path::PathBuf {
+        std::fs::read_link("/proc/thread-self/ns/pid_for_children").unwrap()
+    }
+
+    #[test]
+    fn pid_ns_switch_happens_on_its_own_thread() {
+        let before = pid_ns_for_children();
+        let own = File::open("/proc/self/ns/pid").unwrap();
+        let caller = nix::unistd::gettid();
+        let (tid, ns) =
+            with_pid_ns(&own, || Ok((nix::unistd::gettid(), pid_ns_for_children()))).unwrap();
+        assert_ne!(tid, caller, "ran on a thread of its own");
+        assert_eq!(ns, before);
+        assert_eq!(pid_ns_for_children(), before, "caller untouched");
+        // A failing setns is an error for the caller, nothing worse.
+        let not_a_ns = File::open("/dev/null").unwrap();
+        let r = with_pid_ns(&not_a_ns, || Ok(()));
+        assert!(r.is_err());
+        assert_eq!(pid_ns_for_children(), before);
     }
 }
