@@ -199,6 +199,21 @@ impl Registry {
         Ok(())
     }
 
+    /// Make `repo` stop serving blob `digest` (its link in the repository
+    /// goes; the registry then answers 404 BLOB_UNKNOWN), as a mirror that
+    /// synced a manifest but not every layer would.
+    pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<()> {
+        let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
+        let link = self
+            .dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex);
+        std::fs::remove_dir_all(&link).with_context(|| format!("remove {}", link.display()))
+    }
+
     fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
         Ok(self

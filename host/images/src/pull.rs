@@ -343,8 +343,9 @@ async fn fetch_blob(
         return Ok(());
     }
     let t = Instant::now();
-    // Create, write, hash, fsync and rename on the blocking pool.
-    let mut sink = {
+    // Create, write, hash, fsync and rename on the blocking pool; a fresh
+    // sink for each endpoint tried.
+    let open_sink = || {
         let (inner, label, digest) = (
             inner.clone(),
             format!("{what} {digest}"),
@@ -352,17 +353,12 @@ async fn fetch_blob(
         );
         BlobSink::spawn(move || inner.content.writer(&label, &digest))
     };
-    if let Err(e) = remote
-        .blob(digest, declared_size, &mut sink, what, abort)
-        .await
-    {
-        sink.abort().await;
-        return Err(e);
-    }
-    let n = sink.commit().await?;
+    let (n, endpoint) = remote
+        .fetch_blob(digest, declared_size, open_sink, what, abort)
+        .await?;
     inner.stat_blobs.fetch_add(1, Ordering::Relaxed);
     inner.stat_bytes.fetch_add(n, Ordering::Relaxed);
-    info!(%what, %digest, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, endpoint = %remote.endpoint.host, "downloaded");
+    info!(%what, %digest, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, %endpoint, "downloaded");
     Ok(())
 }
 

@@ -1,11 +1,14 @@
 //! Talking to registries, on top of `oci-client`: endpoint selection
-//! (mirrors, plain HTTP), credentials, manifests and blob streams, and
-//! mapping `oci-client` errors onto [`ImageError`].
+//! (mirrors, plain HTTP), credentials, manifests and blob streams with
+//! fallback between endpoints; `errors` maps `oci-client` errors onto
+//! [`ImageError`].
 //!
 //! Endpoints for a reference are: each configured mirror of its registry
 //! host, in order, then the original host unless a mirror has
-//! `mirror_only`. The first endpoint that serves the manifest is used for
-//! the whole pull. Mirrors are addressed with `oci-client`'s mirror support
+//! `mirror_only`. The first endpoint that serves the manifest starts the
+//! pull; a manifest by digest or blob it cannot serve comes from the
+//! endpoints after it, in order. Mirrors are addressed with `oci-client`'s
+//! mirror support
 //! (the original host goes along only as the `?ns=` query parameter; no
 //! connection is made to it).
 
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use base64::Engine as _;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::errors::DigestError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{manifest, Client, Reference, RegistryOperation};
 use tracing::{info, warn};
@@ -24,6 +27,10 @@ use crate::content::BlobSink;
 use crate::error::{ImageError, Result};
 use crate::reference::ImageRef;
 use crate::types::{Auth, RegistryConfig};
+
+mod errors;
+pub use errors::map_err;
+use errors::summarise;
 
 /// Log download progress every this many bytes of a blob.
 const PROGRESS_EVERY: u64 = 32 << 20;
@@ -183,11 +190,87 @@ async fn creds_for(shown: &str, ep: &Endpoint, repo: &str, creds: &Creds) -> Res
     }
 }
 
-/// A connection to the endpoint that answered for one image.
-pub struct Remote {
+/// One endpoint's client: the reference as that endpoint sees it (mirrors
+/// get the original host only as `?ns=`), authenticated on first use.
+struct Conn {
     client: Client,
     reference: Reference,
-    pub endpoint: Endpoint,
+    endpoint: Endpoint,
+    authed: tokio::sync::OnceCell<()>,
+}
+
+impl Conn {
+    fn new(r: &ImageRef, ep: Endpoint) -> Conn {
+        let mut reference = match (&r.tag, &r.digest) {
+            (_, Some(d)) => {
+                Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone())
+            }
+            (Some(t), None) => {
+                Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone())
+            }
+            (None, None) => {
+                Reference::with_tag(r.registry.clone(), r.repository.clone(), "latest".into())
+            }
+        };
+        if ep.mirror {
+            reference.set_mirror_registry(ep.host.clone());
+        }
+        let protocol = if ep.plain_http {
+            ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        });
+        Conn {
+            client,
+            reference,
+            endpoint: ep,
+            authed: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Authenticate once (tokens are kept in the client); a failure is
+    /// not remembered, so a later call tries again.
+    async fn auth(&self, shown: &str, creds: &Creds) -> Result<()> {
+        self.authed
+            .get_or_try_init(|| async {
+                let ep = &self.endpoint;
+                let c = creds_for(shown, ep, self.reference.repository(), creds).await?;
+                self.client
+                    .auth(&self.reference, &c, RegistryOperation::Pull)
+                    .await
+                    .map_err(|e| map_err(shown, ep, e))?;
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Worth trying the next endpoint after this failure of one?
+fn try_next(e: &ImageError) -> bool {
+    matches!(
+        e,
+        ImageError::NotFound { .. }
+            | ImageError::Registry { .. }
+            | ImageError::Unauthorized { .. }
+            | ImageError::DigestMismatch { .. }
+    )
+}
+
+/// A pull's view of its registry: the endpoint that served the manifest
+/// first, then the endpoints after it in the configured order (the next
+/// mirrors, then the origin unless `mirror_only`). Manifests by digest and
+/// blobs that one endpoint cannot serve (404, 5xx, refused, cut off,
+/// corrupt) are fetched from the next.
+pub struct Remote {
+    conns: Vec<Conn>,
+    creds: Creds,
     /// For error messages: the normalised reference.
     shown: String,
 }
@@ -208,60 +291,34 @@ impl Remote {
             },
             e => e,
         })?;
-        let eps = endpoints(cfg, &r.registry)?;
+        let mut eps = endpoints(cfg, &r.registry)?.into_iter();
         let mut failures: Vec<(Endpoint, ImageError)> = Vec::new();
-        for ep in eps {
-            let mut reference = match (&r.tag, &r.digest) {
-                (_, Some(d)) => {
-                    Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone())
-                }
-                (Some(t), None) => {
-                    Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone())
-                }
-                (None, None) => {
-                    Reference::with_tag(r.registry.clone(), r.repository.clone(), "latest".into())
-                }
-            };
-            if ep.mirror {
-                reference.set_mirror_registry(ep.host.clone());
-            }
-            let protocol = if ep.plain_http {
-                ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
-            } else {
-                ClientProtocol::Https
-            };
-            let client = Client::new(ClientConfig {
-                protocol,
-                connect_timeout: Some(std::time::Duration::from_secs(10)),
-                read_timeout: Some(std::time::Duration::from_secs(60)),
-                ..Default::default()
-            });
+        while let Some(ep) = eps.next() {
+            let conn = Conn::new(r, ep);
+            let ep = &conn.endpoint;
             let scheme = if ep.plain_http { "http" } else { "https" };
             info!(image = %shown, endpoint = %format!("{scheme}://{}", ep.host), mirror = ep.mirror, "resolving");
             let attempt = async {
-                let creds = creds_for(&shown, &ep, &r.repository, &creds).await?;
-                client
-                    .auth(&reference, &creds, RegistryOperation::Pull)
+                conn.auth(&shown, &creds).await?;
+                conn.client
+                    .pull_manifest_raw(&conn.reference, &RegistryAuth::Anonymous, MANIFEST_TYPES)
                     .await
-                    .map_err(|e| map_err(&shown, &ep, e))?;
-                client
-                    .pull_manifest_raw(&reference, &creds, MANIFEST_TYPES)
-                    .await
-                    .map_err(|e| map_err(&shown, &ep, e))
+                    .map_err(|e| map_err(&shown, ep, e))
             };
             match attempt.await {
                 Ok((bytes, _digest)) => {
+                    let mut conns = vec![conn];
+                    conns.extend(eps.map(|ep| Conn::new(r, ep)));
                     let remote = Remote {
-                        client,
-                        reference,
-                        endpoint: ep,
-                        shown: shown.clone(),
+                        conns,
+                        creds,
+                        shown,
                     };
                     return Ok((remote, bytes.to_vec()));
                 }
                 Err(e) => {
                     warn!(image = %shown, endpoint = %ep.host, error = %e, "endpoint failed");
-                    failures.push((ep, e));
+                    failures.push((conn.endpoint, e));
                 }
             }
         }
@@ -273,35 +330,107 @@ impl Remote {
         &self.shown
     }
 
-    /// Fetch a manifest by digest from the same repository.
-    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
-        let r = self.reference.clone_with_digest(digest.to_string());
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(&r, &RegistryAuth::Anonymous, MANIFEST_TYPES)
-            .await
-            .map_err(|e| map_err(&self.shown, &self.endpoint, e))?;
-        Ok(bytes.to_vec())
+    /// All endpoints failed with `failures`: one of them as it was, or a
+    /// summary naming each.
+    fn failed(&self, mut failures: Vec<(Endpoint, ImageError)>) -> ImageError {
+        if failures.len() == 1 {
+            if let Some((_, e)) = failures.pop() {
+                return e;
+            }
+        }
+        summarise(&self.shown, failures)
     }
 
-    /// Stream blob `digest` into `w` (which verifies it on commit).
+    /// Fetch a manifest by digest from the same repository.
+    pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
+        let mut failures = Vec::new();
+        for c in &self.conns {
+            let attempt = async {
+                c.auth(&self.shown, &self.creds).await?;
+                let r = c.reference.clone_with_digest(digest.to_string());
+                c.client
+                    .pull_manifest_raw(&r, &RegistryAuth::Anonymous, MANIFEST_TYPES)
+                    .await
+                    .map_err(|e| map_err(&self.shown, &c.endpoint, e))
+            };
+            match attempt.await {
+                Ok((bytes, _)) => return Ok(bytes.to_vec()),
+                Err(e) if try_next(&e) => {
+                    warn!(image = %self.shown, endpoint = %c.endpoint.host, %digest, error = %e, "manifest failed at this endpoint");
+                    failures.push((c.endpoint.clone(), e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(self.failed(failures))
+    }
+
+    /// Download blob `digest` into a fresh sink from `open_sink`, verified
+    /// on commit, from the first endpoint that serves it whole. Returns the
+    /// bytes and the endpoint's host. Stops at once when `abort` is set.
+    pub async fn fetch_blob(
+        &self,
+        digest: &str,
+        declared_size: u64,
+        open_sink: impl Fn() -> BlobSink,
+        what: &str,
+        abort: &AtomicBool,
+    ) -> Result<(u64, String)> {
+        let mut failures = Vec::new();
+        for c in &self.conns {
+            let mut sink = open_sink();
+            let res = match c.auth(&self.shown, &self.creds).await {
+                Ok(()) => {
+                    self.stream(c, digest, declared_size, &mut sink, what, abort)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let res = match res {
+                Ok(()) => sink.commit().await,
+                Err(e) => {
+                    sink.abort().await;
+                    Err(e)
+                }
+            };
+            match res {
+                Ok(n) => return Ok((n, c.endpoint.host.clone())),
+                Err(e) if try_next(&e) && !abort.load(Ordering::Relaxed) => {
+                    warn!(image = %self.shown, endpoint = %c.endpoint.host, %what, %digest, error = %e, "blob failed at this endpoint");
+                    let e = match e {
+                        ImageError::NotFound { reference, .. } => ImageError::NotFound {
+                            reference,
+                            detail: format!("{what} {digest}"),
+                        },
+                        e => e,
+                    };
+                    failures.push((c.endpoint.clone(), e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(self.failed(failures))
+    }
+
+    /// Stream blob `digest` from `c` into `w`.
     /// Stops early (with an error) once `abort` is set, or once the
     /// registry sends more than the descriptor's `declared_size` bytes (a
     /// broken or hostile registry must not fill the disk before the digest
     /// check at the end can reject it).
-    pub async fn blob(
+    async fn stream(
         &self,
+        c: &Conn,
         digest: &str,
         declared_size: u64,
         w: &mut BlobSink,
         what: &str,
         abort: &AtomicBool,
     ) -> Result<()> {
-        let mut s = self
+        let mut s = c
             .client
-            .pull_blob_stream(&self.reference, digest)
+            .pull_blob_stream(&c.reference, digest)
             .await
-            .map_err(|e| map_err(&self.shown, &self.endpoint, e))?;
+            .map_err(|e| map_err(&self.shown, &c.endpoint, e))?;
         let total = s.content_length;
         let mut next_log = PROGRESS_EVERY;
         while let Some(chunk) = s.stream.next().await {
@@ -317,135 +446,31 @@ impl Remote {
                 match e.get_ref().and_then(|i| i.downcast_ref::<DigestError>()) {
                     Some(DigestError::VerificationError { actual, .. }) => {
                         ImageError::DigestMismatch {
-                            what: format!("{what} of {} from {}", self.shown, self.endpoint.host),
+                            what: format!("{what} of {} from {}", self.shown, c.endpoint.host),
                             expected: digest.to_string(),
                             actual: actual.clone(),
                         }
                     }
-                    _ => ImageError::registry(&self.shown, format!("reading {what} {digest}: {e}")),
+                    _ => ImageError::registry(
+                        &self.shown,
+                        format!("{}: reading {what} {digest}: {e}", c.endpoint.host),
+                    ),
                 }
             })?;
             if w.written() + chunk.len() as u64 > declared_size {
                 return Err(ImageError::DigestMismatch {
-                    what: format!("{what} of {} from {}", self.shown, self.endpoint.host),
+                    what: format!("{what} of {} from {}", self.shown, c.endpoint.host),
                     expected: format!("{digest} ({declared_size} bytes)"),
                     actual: format!("more than {declared_size} bytes"),
                 });
             }
             w.write(chunk).await?;
             if w.written() >= next_log {
-                info!(image = %self.shown, %what, %digest, bytes = w.written(), total = total.unwrap_or(0), "downloading");
+                info!(image = %self.shown, %what, %digest, bytes = w.written(), total = total.unwrap_or(0), endpoint = %c.endpoint.host, "downloading");
                 next_log += PROGRESS_EVERY;
             }
         }
         Ok(())
-    }
-}
-
-/// One error from all endpoint failures: the most telling kind wins, and the
-/// message lists every endpoint tried, each with its own reason (said once:
-/// neither the reference nor the host is repeated).
-fn summarise(shown: &str, failures: Vec<(Endpoint, ImageError)>) -> ImageError {
-    let tried: Vec<String> = failures
-        .iter()
-        .map(|(ep, e)| {
-            format!(
-                "{}{}: {}",
-                ep.host,
-                if ep.mirror { " (mirror)" } else { "" },
-                endpoint_reason(ep, e)
-            )
-        })
-        .collect();
-    let tried = format!("tried {}", tried.join("; "));
-    let rank = |e: &ImageError| match e {
-        ImageError::Unauthorized { .. } => 3,
-        ImageError::DigestMismatch { .. } => 3,
-        ImageError::NotFound { .. } => 2,
-        _ => 1,
-    };
-    let best = failures.into_iter().map(|(_, e)| e).max_by_key(rank);
-    match best {
-        Some(ImageError::NotFound { .. }) => ImageError::not_found(shown, tried),
-        Some(ImageError::Unauthorized { .. }) => ImageError::Unauthorized {
-            reference: shown.to_string(),
-            reason: tried,
-        },
-        Some(e @ ImageError::DigestMismatch { .. }) => e,
-        _ => ImageError::registry(shown, format!("no endpoint could serve it: {tried}")),
-    }
-}
-
-/// What went wrong at one endpoint, without the reference (the summary
-/// names it) and without the `host: ` prefix [`map_err`] adds.
-fn endpoint_reason(ep: &Endpoint, e: &ImageError) -> String {
-    let strip = |r: &str| {
-        r.strip_prefix(&format!("{}: ", ep.host))
-            .unwrap_or(r)
-            .to_string()
-    };
-    match e {
-        ImageError::NotFound { detail, .. } if detail.is_empty() => "not found".to_string(),
-        ImageError::NotFound { detail, .. } => format!("not found ({detail})"),
-        ImageError::Unauthorized { reason, .. } => format!("unauthorized: {}", strip(reason)),
-        ImageError::Registry { reason, .. } => strip(reason),
-        other => other.to_string(),
-    }
-}
-
-/// `oci-client` error -> ours, keeping the endpoint as context.
-pub fn map_err(shown: &str, ep: &Endpoint, e: OciDistributionError) -> ImageError {
-    let unauthorized = |reason: String| ImageError::Unauthorized {
-        reference: shown.to_string(),
-        reason: format!("{}: {reason}", ep.host),
-    };
-    let not_found = || ImageError::not_found(shown, "");
-    match e {
-        OciDistributionError::AuthenticationFailure(r) => {
-            unauthorized(format!("authentication failed: {r}"))
-        }
-        OciDistributionError::UnauthorizedError { url } => {
-            unauthorized(format!("401 Unauthorized at {url}"))
-        }
-        OciDistributionError::ImageManifestNotFoundError(_) => not_found(),
-        OciDistributionError::RegistryError { envelope, url } => {
-            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::NotFound
-                        | OciErrorCode::BlobUnknown
-                )
-            }) {
-                not_found()
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            {
-                unauthorized(format!("registry refused {url}"))
-            } else {
-                ImageError::registry(shown, format!("{}: {url}: {envelope:?}", ep.host))
-            }
-        }
-        OciDistributionError::ServerError { code, url, message } => match code {
-            404 => not_found(),
-            401 | 403 => unauthorized(format!("HTTP {code} at {url}: {message}")),
-            _ => ImageError::registry(shown, format!("HTTP {code} at {url}: {message}")),
-        },
-        // oci-client verifies manifests it fetches by digest.
-        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
-            ImageError::DigestMismatch {
-                what: format!("manifest of {shown} from {}", ep.host),
-                expected,
-                actual,
-            }
-        }
-        OciDistributionError::DigestError(d) => {
-            ImageError::registry(shown, format!("{}: bad digest: {d}", ep.host))
-        }
-        other => ImageError::registry(shown, format!("{}: {other}", ep.host)),
     }
 }
 
@@ -536,47 +561,6 @@ mod tests {
         let c = RegistryConfig::default();
         assert!(!endpoints(&c, "127.corp.example:5000").unwrap()[0].plain_http);
         assert!(endpoints(&c, "[::1]:5000").unwrap()[0].plain_http);
-    }
-
-    #[test]
-    fn summary_says_not_found_once_and_lists_endpoints() {
-        let ep = |host: &str, mirror: bool| Endpoint {
-            host: host.into(),
-            plain_http: true,
-            mirror,
-        };
-        let shown = "registry.k8s.io/pause:3.9";
-        let e = summarise(
-            shown,
-            vec![
-                (ep("127.0.0.1:5000", true), ImageError::not_found(shown, "")),
-                (
-                    ep("registry.k8s.io", false),
-                    ImageError::registry(shown, "registry.k8s.io: connection refused"),
-                ),
-            ],
-        );
-        assert!(matches!(e, ImageError::NotFound { .. }), "{e:?}");
-        assert_eq!(
-            e.to_string(),
-            "image \"registry.k8s.io/pause:3.9\" not found (tried 127.0.0.1:5000 (mirror): \
-             not found; registry.k8s.io: connection refused)"
-        );
-        let e = summarise(
-            shown,
-            vec![(
-                ep("127.0.0.1:5000", false),
-                ImageError::Unauthorized {
-                    reference: shown.into(),
-                    reason: "127.0.0.1:5000: 401 Unauthorized at http://x".into(),
-                },
-            )],
-        );
-        assert_eq!(
-            e.to_string(),
-            "unauthorized pulling \"registry.k8s.io/pause:3.9\": tried 127.0.0.1:5000: \
-             unauthorized: 401 Unauthorized at http://x"
-        );
     }
 
     #[test]

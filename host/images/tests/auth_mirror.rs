@@ -254,3 +254,84 @@ async fn mirror_only_never_contacts_original_but_fallback_does() {
         .await
         .unwrap();
 }
+
+/// A mirror that has the manifest but 404s a layer, or serves a corrupt
+/// one: that blob comes from the next endpoint (the next mirror, or the
+/// origin when mirror_only is off), the rest from the mirror.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_a_mirror_cannot_serve_comes_from_the_next_endpoint() {
+    let Some(broken) = registry() else { return };
+    let full = Registry::start().unwrap();
+    let img = image_with("partial", Compression::Gzip);
+    for reg in [&broken, &full] {
+        push(reg, "team/app", "v1", &img).await;
+    }
+    let missing = img.layers[1].digest.clone();
+    broken.unlink_blob("team/app", &missing).unwrap();
+
+    // Origin fallback: `full` is the registry named in the reference.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), mirrors(&full.addr(), &[broken.addr()], false));
+    let before = full.requests().len();
+    let rec = store
+        .pull(&format!("{}/team/app:v1", full.addr()), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.id, img.config_digest);
+    assert!(rec.layer_dirs[1].join("data/partial").is_file());
+    let from_full = &full.requests()[before..];
+    assert!(
+        from_full.iter().all(|(_, p)| !p.contains("/manifests/")),
+        "manifest came from the mirror: {from_full:?}"
+    );
+    assert_eq!(full.blob_gets(&missing), 1, "{from_full:?}");
+    assert_eq!(
+        full.blob_gets(&img.layers[0].digest),
+        0,
+        "only the missing blob"
+    );
+    assert!(
+        broken.blob_gets(&missing) >= 1,
+        "the mirror was asked first"
+    );
+
+    // mirror_only: the next mirror serves it; the origin is never asked.
+    let origin = Registry::start().unwrap();
+    let name = origin.addr();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(
+        dir.path(),
+        mirrors(&name, &[broken.addr(), full.addr()], true),
+    );
+    let full_before = full.blob_gets(&missing);
+    store
+        .pull(&format!("{name}/team/app:v1"), None)
+        .await
+        .unwrap();
+    assert_eq!(full.blob_gets(&missing), full_before + 1);
+    assert!(origin.requests().is_empty(), "{:?}", origin.requests());
+
+    // Only the broken mirror, mirror_only: NotFound naming the blob.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), mirrors(&name, &[broken.addr()], true));
+    match store.pull(&format!("{name}/team/app:v1"), None).await {
+        Err(ImageError::NotFound { detail, .. }) => assert!(detail.contains(&missing), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(store.list(&ImageFilter::default()).unwrap().is_empty());
+
+    // A corrupt layer on the mirror is rejected and fetched again from the
+    // next endpoint; the image is whole.
+    let corrupt = Registry::start().unwrap();
+    push(&corrupt, "team/app", "v1", &img).await;
+    corrupt.corrupt_blob(&img.layers[0].digest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), mirrors(&full.addr(), &[corrupt.addr()], false));
+    let busybox_before = full.blob_gets(&img.layers[0].digest);
+    let rec = store
+        .pull(&format!("{}/team/app:v1", full.addr()), None)
+        .await
+        .unwrap();
+    assert!(rec.layer_dirs[0].join("bin/busybox").is_file());
+    assert_eq!(full.blob_gets(&img.layers[0].digest), busybox_before + 1);
+}
