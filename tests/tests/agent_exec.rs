@@ -547,3 +547,55 @@ fn signals_report_failures_and_reach_all_processes() {
         c.remove_container(id).await.unwrap();
     });
 }
+
+#[test]
+fn exec_racing_remove_is_refused_clearly() {
+    use vmpod_runtime::agent_client::Code::{FAILED_PRECONDITION, NOT_FOUND};
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        let e = ExecSpec {
+            args: vec!["sleep".into(), "500".into()],
+            ..Default::default()
+        };
+        let mut refused = 0;
+        for i in 0..6 {
+            let id = format!("race-{i}");
+            c.create_container(&id, bytes(&spec(&["sleep", "1000"])), "", None, false)
+                .await
+                .unwrap();
+            c.start_container(&id).await.unwrap();
+            // Give the remove a head start of a few ms on some rounds.
+            let delay = Duration::from_millis(5 * (i % 3));
+            let (removed, exec) = tokio::join!(c.remove_container(&id), async {
+                tokio::time::sleep(delay).await;
+                c.exec(&id, "late", &e).await
+            });
+            removed.unwrap();
+            match exec {
+                // Added before the remove began: removed with it.
+                Ok(_) => {}
+                Err(err) => {
+                    let code = err.code();
+                    assert!(
+                        code == Some(FAILED_PRECONDITION) || code == Some(NOT_FOUND),
+                        "{err}"
+                    );
+                    if code == Some(FAILED_PRECONDITION) {
+                        assert!(err.to_string().contains("removed"), "{err}");
+                    }
+                    refused += 1;
+                }
+            }
+            let d = c.guest_details().await.unwrap();
+            assert!(!d.container_ids.contains(&id), "{:?}", d.container_ids);
+            assert!(
+                !d.cgroups.contains(&format!("vmpod/{id}")),
+                "{:?}",
+                d.cgroups
+            );
+        }
+        eprintln!("{refused}/6 racing execs refused");
+        c.check().await.unwrap();
+    });
+}

@@ -19,6 +19,9 @@ pub async fn remove(agent: &Arc<Agent>, id: &str) -> Result<()> {
 
 async fn remove_now(agent: &Arc<Agent>, id: &str) -> Result<()> {
     let c = agent.get(id)?;
+    // From here on an exec is refused (FailedPrecondition), also one that
+    // is being launched right now.
+    c.begin_remove();
     c.init.abandon();
     if c.init.exit_info().is_none() {
         let _ = agent.cgroups.write(c.cgroup.rel(), "cgroup.kill", "1");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::config::{StageConfig, StageMode, UserConfig};
 use super::process::{launch, Launch};
-use super::{validate_id, Status};
+use super::{validate_id, AddExecError, Status};
 use crate::error::{AgentError, Result};
 use crate::state::Agent;
 
@@ -38,14 +38,17 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
             "exec needs at least one argument".into(),
         ));
     }
-    {
-        let execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
-        if execs.contains_key(&req.exec_id) {
-            return Err(AgentError::AlreadyExists(format!(
-                "exec {:?} already exists in container {:?}",
-                req.exec_id, req.container_id
-            )));
-        }
+    if c.is_removing() {
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {:?} is being removed",
+            req.container_id
+        )));
+    }
+    if c.has_exec(&req.exec_id) {
+        return Err(AgentError::AlreadyExists(format!(
+            "exec {:?} already exists in container {:?}",
+            req.exec_id, req.container_id
+        )));
     }
     let mut process = c.init_process.clone();
     process.args = req.args;
@@ -93,13 +96,19 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
             },
         )?;
         // Checked above too, but a concurrent exec with the same id may
-        // have launched meanwhile: the check and the insert are one step
-        // here, and the loser's staged child is dropped (it exits).
-        if !c2.add_exec(&exec_id, p.clone()) {
+        // have launched meanwhile, or a remove begun: the check and the
+        // insert are one step here (under the exec table's lock), and a
+        // refused exec's staged child is dropped (it exits).
+        if let Err(e) = c2.add_exec(&exec_id, p.clone()) {
             p.release();
-            return Err(AgentError::AlreadyExists(format!(
-                "{what}: exec id already exists"
-            )));
+            return Err(match e {
+                AddExecError::IdTaken => {
+                    AgentError::AlreadyExists(format!("{what}: exec id already exists"))
+                }
+                AddExecError::Removing => AgentError::FailedPrecondition(format!(
+                    "{what}: the container is being removed"
+                )),
+            });
         }
         if let Err(e) = p.start(&what) {
             // It may still be waiting (start timed out): nobody can start

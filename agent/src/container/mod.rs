@@ -50,7 +50,32 @@ pub struct Container {
     /// The container's own hostname namespace and cgroup namespace flags.
     pub new_cgroupns: bool,
     /// Running execs, and exited ones until retired (see `exec.rs`).
-    execs: Mutex<HashMap<String, Arc<Process>>>,
+    execs: Mutex<ExecTable>,
+}
+
+/// A container's execs, and whether it is being removed (checked under
+/// the same lock as an exec is added, so none slips in during a remove).
+#[derive(Default)]
+pub struct ExecTable {
+    map: HashMap<String, Arc<Process>>,
+    removing: bool,
+}
+
+impl ExecTable {
+    #[cfg(test)]
+    fn with(map: HashMap<String, Arc<Process>>) -> Self {
+        ExecTable {
+            map,
+            removing: false,
+        }
+    }
+}
+
+/// Why an exec could not be added.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddExecError {
+    IdTaken,
+    Removing,
 }
 
 /// Exited execs a container keeps whose exit no Wait collected (e.g. an
@@ -75,17 +100,40 @@ impl Container {
         }
     }
 
-    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
+    fn execs(&self) -> std::sync::MutexGuard<'_, ExecTable> {
         self.execs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add an exec; false if the id is taken. Exited execs beyond
-    /// [`MAX_EXITED_EXECS`] are retired (oldest first).
-    pub fn add_exec(&self, exec_id: &str, p: Arc<Process>) -> bool {
+    /// The container is being removed: no exec may be added any more.
+    pub fn begin_remove(&self) {
+        self.execs().removing = true;
+    }
+
+    pub fn is_removing(&self) -> bool {
+        self.execs().removing
+    }
+
+    /// Whether an exec id is in use.
+    pub fn has_exec(&self, exec_id: &str) -> bool {
+        self.execs().map.contains_key(exec_id)
+    }
+
+    /// Add an exec, unless its id is taken or the container is being
+    /// removed. Exited execs beyond [`MAX_EXITED_EXECS`] are retired
+    /// (oldest first).
+    pub fn add_exec(
+        &self,
+        exec_id: &str,
+        p: Arc<Process>,
+    ) -> std::result::Result<(), AddExecError> {
         let evicted: Vec<Arc<Process>> = {
-            let mut execs = self.execs();
+            let mut table = self.execs();
+            if table.removing {
+                return Err(AddExecError::Removing);
+            }
+            let execs = &mut table.map;
             if execs.contains_key(exec_id) {
-                return false;
+                return Err(AddExecError::IdTaken);
             }
             let exited = execs
                 .iter()
@@ -102,14 +150,14 @@ impl Container {
         for p in evicted {
             p.release();
         }
-        true
+        Ok(())
     }
 
     /// Take `p` out of the exec table (if it is still the exec `exec_id`)
     /// and release its stdio.
     pub fn retire_exec(&self, exec_id: &str, p: &Arc<Process>) {
         {
-            let mut execs = self.execs();
+            let execs = &mut self.execs().map;
             if execs.get(exec_id).is_some_and(|q| Arc::ptr_eq(q, p)) {
                 execs.remove(exec_id);
             }
@@ -120,7 +168,11 @@ impl Container {
     /// Release every process's stdio (init and execs) and empty the exec
     /// table: the container is being removed.
     pub fn release_all(&self) {
-        let execs: Vec<Arc<Process>> = self.execs().drain().map(|(_, p)| p).collect();
+        let execs: Vec<Arc<Process>> = {
+            let mut table = self.execs();
+            table.removing = true;
+            table.map.drain().map(|(_, p)| p).collect()
+        };
         self.init.release();
         for p in execs {
             p.release();
@@ -132,7 +184,7 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        self.execs().get(exec_id).cloned().ok_or_else(|| {
+        self.execs().map.get(exec_id).cloned().ok_or_else(|| {
             AgentError::NotFound(format!(
                 "exec {exec_id:?} not found in container {:?}",
                 self.id
@@ -170,18 +222,18 @@ mod tests {
             init: Process::for_test(1, None),
             init_process: ProcessConfig::default(),
             new_cgroupns: false,
-            execs: Mutex::new(
+            execs: Mutex::new(ExecTable::with(
                 execs
                     .iter()
                     .enumerate()
                     .map(|(i, (id, f))| (id.to_string(), Process::for_test(i as i32 + 2, *f)))
                     .collect(),
-            ),
+            )),
         }
     }
 
     fn exec_ids(c: &Container) -> Vec<String> {
-        let mut v: Vec<String> = c.execs().keys().cloned().collect();
+        let mut v: Vec<String> = c.execs().map.keys().cloned().collect();
         v.sort();
         v
     }
@@ -203,12 +255,12 @@ mod tests {
         execs.push(("running".into(), None));
         let refs: Vec<(&str, Option<i64>)> = execs.iter().map(|(i, f)| (i.as_str(), *f)).collect();
         let c = container(&refs);
-        assert!(
-            !c.add_exec("running", Process::for_test(99, None)),
-            "id taken"
+        assert_eq!(
+            c.add_exec("running", Process::for_test(99, None)),
+            Err(AddExecError::IdTaken)
         );
         let oldest = c.process("done00").unwrap();
-        assert!(c.add_exec("new", Process::for_test(100, None)));
+        assert!(c.add_exec("new", Process::for_test(100, None)).is_ok());
         let now = exec_ids(&c);
         assert_eq!(now.len(), MAX_EXITED_EXECS + 1, "{now:?}");
         assert!(
@@ -223,7 +275,7 @@ mod tests {
         // Adding many more never grows the table past running + the cap.
         for i in 0..100 {
             let p = Process::for_test(200 + i, Some(1000 + i as i64));
-            assert!(c.add_exec(&format!("more{i}"), p));
+            assert!(c.add_exec(&format!("more{i}"), p).is_ok());
         }
         assert_eq!(exec_ids(&c).len(), MAX_EXITED_EXECS + 2);
     }
@@ -235,7 +287,7 @@ mod tests {
         c.retire_exec("e", &old);
         assert!(c.process("e").is_err());
         // A new exec that reused the id is not retired by a stale handle.
-        assert!(c.add_exec("e", Process::for_test(7, None)));
+        assert!(c.add_exec("e", Process::for_test(7, None)).is_ok());
         c.retire_exec("e", &old);
         let new = c.process("e").unwrap();
         assert_eq!(new.pid, 7);
@@ -254,5 +306,25 @@ mod tests {
         for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
             assert!(super::validate_id("container", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn no_exec_is_added_once_removal_began() {
+        let c = container(&[]);
+        assert!(!c.is_removing());
+        c.begin_remove();
+        assert!(c.is_removing());
+        assert_eq!(
+            c.add_exec("late", Process::for_test(5, None)),
+            Err(AddExecError::Removing)
+        );
+        assert!(exec_ids(&c).is_empty());
+        // release_all (what remove does) closes the table too.
+        let c = container(&[]);
+        c.release_all();
+        assert_eq!(
+            c.add_exec("late", Process::for_test(6, None)),
+            Err(AddExecError::Removing)
+        );
     }
 }
