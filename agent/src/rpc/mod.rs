@@ -7,6 +7,7 @@ mod health;
 mod process;
 mod sandbox;
 mod stdio;
+mod summary;
 
 use std::sync::Arc;
 
@@ -34,7 +35,8 @@ macro_rules! agent_service {
         impl agent_ttrpc::Agent for AgentService {
             $(
                 async fn $name(&self, _ctx: &TtrpcContext, req: $req) -> R<$resp> {
-                    tracing::debug!(rpc = stringify!($name), ?req, "request");
+                    // Ids and sizes only: requests carry stdin, env, specs.
+                    tracing::debug!(rpc = stringify!($name), req = %summary::summary(&req), "request");
                     $handler(&self.agent, req $(, { let _ = stringify!($timeout); _ctx.timeout_nano })?).await.map_err(|e| {
                         tracing::warn!(rpc = stringify!($name), error = %e, "rpc failed");
                         e.into()
