@@ -188,6 +188,13 @@ impl Config {
                 key,
                 message,
             })?;
+        // Docker Hub's other names: images are named docker.io/..., so a
+        // table under another name would never match. (validate() made sure
+        // there is only one.)
+        config.registries = std::mem::take(&mut config.registries)
+            .into_iter()
+            .map(|(host, reg)| (canonical_registry(&host).to_string(), reg))
+            .collect();
         Ok(config)
     }
 
@@ -213,6 +220,26 @@ impl Config {
             reg.validate(host)
                 .map_err(|(k, m)| (format!("registries.\"{host}\"{k}"), m))?;
         }
+        let hub: Vec<&String> = self
+            .registries
+            .keys()
+            .filter(|h| canonical_registry(h) == DOCKER_HUB)
+            .collect();
+        if hub.len() > 1 {
+            let names: Vec<String> = hub.iter().map(|h| format!("\"{h}\"")).collect();
+            let other = hub
+                .iter()
+                .find(|h| h.as_str() != DOCKER_HUB)
+                .unwrap_or(&hub[0]);
+            return Err((
+                format!("registries.\"{other}\""),
+                format!(
+                    "{} all name Docker Hub (images are named docker.io/...); \
+                     write one table, [registries.\"docker.io\"]",
+                    names.join(", ")
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -223,19 +250,16 @@ impl Config {
             if reg.insecure {
                 out.insecure.push(host.clone());
             }
-            let mut mirrors = Vec::new();
-            for m in &reg.mirrors {
-                if m.insecure {
-                    let (_, hostport) = split_scheme(&m.endpoint);
-                    if !out.insecure.iter().any(|h| h == hostport) {
-                        out.insecure.push(hostport.to_string());
-                    }
-                }
-                mirrors.push(vmpod_images::Mirror {
+            // A mirror's `insecure` stays with that mirror endpoint.
+            let mirrors: Vec<vmpod_images::Mirror> = reg
+                .mirrors
+                .iter()
+                .map(|m| vmpod_images::Mirror {
                     endpoint: m.endpoint.clone(),
                     mirror_only: reg.mirror_only,
-                });
-            }
+                    insecure: m.insecure,
+                })
+                .collect();
             if !mirrors.is_empty() {
                 out.mirrors.insert(host.clone(), mirrors);
             }
@@ -307,6 +331,18 @@ impl RegistryHost {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Docker Hub as image names spell it.
+const DOCKER_HUB: &str = "docker.io";
+
+/// `index.docker.io` and `registry-1.docker.io` (Docker Hub's API host)
+/// → `docker.io`, the name normalised image references carry.
+fn canonical_registry(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB,
+        h => h,
     }
 }
 

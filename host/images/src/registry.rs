@@ -83,7 +83,6 @@ fn is_port(s: &str) -> bool {
 
 /// The endpoints to try for `registry`, in order.
 pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> {
-    let insecure = |h: &str| is_loopback(h) || cfg.insecure.iter().any(|i| i == h);
     let mut out = Vec::new();
     let mut mirror_only = false;
     for m in cfg.mirrors.get(registry).into_iter().flatten() {
@@ -105,7 +104,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
         let plain_http = match scheme {
             Some("http") => true,
             Some("https") => false,
-            None => insecure(host),
+            None => m.insecure || is_loopback(host),
             Some(s) => {
                 return Err(ImageError::registry(
                     registry,
@@ -122,7 +121,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
     if !mirror_only {
         out.push(Endpoint {
             host: registry.to_string(),
-            plain_http: insecure(registry),
+            plain_http: is_loopback(registry) || cfg.insecure.iter().any(|i| i == registry),
             mirror: false,
         });
     }
@@ -488,9 +487,42 @@ mod tests {
             c.mirrors.entry(reg.to_string()).or_default().push(Mirror {
                 endpoint: ep.to_string(),
                 mirror_only: *only,
+                insecure: false,
             });
         }
         c
+    }
+
+    #[test]
+    fn mirror_insecure_applies_to_that_mirror_only() {
+        let mut c = RegistryConfig::default();
+        c.mirrors.insert(
+            "docker.io".into(),
+            vec![Mirror {
+                endpoint: "mirror.internal:5000".into(),
+                mirror_only: false,
+                insecure: true,
+            }],
+        );
+        c.mirrors.insert(
+            "quay.io".into(),
+            vec![Mirror {
+                endpoint: "mirror.internal:5000".into(),
+                mirror_only: false,
+                insecure: false,
+            }],
+        );
+        let e = endpoints(&c, "docker.io").unwrap();
+        assert!(e[0].mirror && e[0].plain_http, "{e:?}");
+        assert!(!e[1].plain_http, "docker.io itself stays HTTPS");
+        // The same host as a registry, or as a mirror of another registry
+        // without `insecure`: HTTPS.
+        assert!(!endpoints(&c, "mirror.internal:5000").unwrap()[0].plain_http);
+        assert!(!endpoints(&c, "quay.io").unwrap()[0].plain_http);
+        // A registry's own `insecure` does not make it plain HTTP as a mirror.
+        c.insecure.push("mirror.internal:5000".into());
+        assert!(endpoints(&c, "mirror.internal:5000").unwrap()[0].plain_http);
+        assert!(!endpoints(&c, "quay.io").unwrap()[0].plain_http);
     }
 
     #[test]

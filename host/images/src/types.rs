@@ -24,8 +24,9 @@ pub struct Auth {
 /// Registry settings (from the daemon config).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegistryConfig {
-    /// Registry hosts (host[:port]) that may be reached over plain HTTP.
-    /// `localhost`, `127.0.0.1` and `[::1]` (any port) always use plain HTTP.
+    /// Registry hosts (host[:port]) that may be reached over plain HTTP when
+    /// pulled from as registries (not as mirrors: see [`Mirror::insecure`]).
+    /// `localhost` and loopback IPs (any port) always use plain HTTP.
     pub insecure: Vec<String>,
     /// Per registry host: mirrors to try first, in order (e.g.
     /// `registry.k8s.io` -> [`http://127.0.0.1:5000`]). The key is the host
@@ -36,9 +37,12 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mirror {
     /// `host[:port]`, optionally with an `http://` / `https://` scheme.
-    /// Without a scheme: plain HTTP for loopback hosts and hosts in
-    /// `insecure`, HTTPS otherwise.
+    /// Without a scheme: plain HTTP for loopback hosts and when `insecure`,
+    /// HTTPS otherwise.
     pub endpoint: String,
+    /// Plain HTTP allowed to this mirror endpoint (only to it: not to the
+    /// same host as a registry, nor as another registry's mirror).
+    pub insecure: bool,
     /// When set on any mirror of a host, the original host is never contacted.
     pub mirror_only: bool,
 }

@@ -137,6 +137,7 @@ fn mirrors(host: &str, endpoints: &[String], mirror_only: bool) -> RegistryConfi
             .map(|e| Mirror {
                 endpoint: e.clone(),
                 mirror_only,
+                insecure: false,
             })
             .collect(),
     );

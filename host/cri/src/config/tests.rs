@@ -66,14 +66,42 @@ bin_dirs = ["/tmp/bin"]
         r.mirrors["registry.k8s.io"],
         vec![vmpod_images::Mirror {
             endpoint: "http://127.0.0.1:5000".into(),
-            mirror_only: true
+            mirror_only: true,
+            insecure: false,
         }]
     );
     assert_eq!(r.mirrors["docker.io"].len(), 2);
     assert!(!r.mirrors["docker.io"][0].mirror_only);
-    assert!(r.insecure.contains(&"mirror.internal:5000".to_string()));
-    assert!(r.insecure.contains(&"private.example:5000".to_string()));
-    assert!(!r.insecure.contains(&"m2.example".to_string()));
+    // A mirror's insecure flag stays with that mirror, not its host.
+    assert!(r.mirrors["docker.io"][0].insecure);
+    assert!(!r.mirrors["docker.io"][1].insecure);
+    assert!(!r.insecure.contains(&"mirror.internal:5000".to_string()));
+    assert_eq!(r.insecure, vec!["private.example:5000".to_string()]);
+}
+
+#[test]
+fn docker_hub_aliases_are_docker_io() {
+    for alias in ["index.docker.io", "registry-1.docker.io"] {
+        let c = parse(&format!(
+            "[registries.\"{alias}\"]\nmirrors = [{{ endpoint = \"http://127.0.0.1:5000\" }}]\nmirror_only = true"
+        ))
+        .unwrap();
+        assert!(c.registries.contains_key("docker.io"), "{alias}");
+        assert!(!c.registries.contains_key(alias), "{alias}");
+        let r = c.registry_config();
+        assert_eq!(r.mirrors["docker.io"][0].endpoint, "http://127.0.0.1:5000");
+        assert!(r.mirrors["docker.io"][0].mirror_only);
+    }
+    // Two tables for Docker Hub: which one would win? Refused, naming the key.
+    let err =
+        parse("[registries.\"docker.io\"]\ninsecure = true\n[registries.\"index.docker.io\"]\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("registries.\"index.docker.io\""), "{err}");
+    assert!(err.contains("docker.io"), "{err}");
+    // Other hosts are kept as written.
+    let c = parse("[registries.\"quay.io\"]\ninsecure = true").unwrap();
+    assert!(c.registries.contains_key("quay.io"));
 }
 
 #[test]
