@@ -151,19 +151,21 @@ async fn network_ready_with_a_real_cni_config_and_plugins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_config_reports_cgroupfs() {
-    let d = Daemon::start("").unwrap();
-    let mut c = d.client().await.unwrap();
-    let r = c
-        .runtime
-        .runtime_config(cri::RuntimeConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.linux.unwrap().cgroup_driver,
-        cri::CgroupDriver::Cgroupfs as i32
-    );
+async fn runtime_config_reports_the_configured_cgroup_driver() {
+    for (config, want) in [
+        ("", cri::CgroupDriver::Cgroupfs),
+        ("cgroup_driver = \"systemd\"\n", cri::CgroupDriver::Systemd),
+    ] {
+        let d = Daemon::start(config).unwrap();
+        let mut c = d.client().await.unwrap();
+        let r = c
+            .runtime
+            .runtime_config(cri::RuntimeConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.linux.unwrap().cgroup_driver, want as i32, "{config:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

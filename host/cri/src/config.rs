@@ -7,6 +7,7 @@
 //! ```toml
 //! log_level = "info"
 //! default_runtime = "vmpod"
+//! cgroup_driver = "cgroupfs"   # or "systemd"
 //!
 //! [runtimes.vmpod]
 //! hypervisor = "auto"        # builtin | qemu | auto
@@ -57,11 +58,24 @@ pub struct Config {
     pub log_level: String,
     /// Handler used when `RunPodSandbox` names none.
     pub default_runtime: String,
+    /// Reported to kubelet by `RuntimeConfig`; kubelet's `cgroupDriver`
+    /// must match it.
+    pub cgroup_driver: CgroupDriver,
     /// `[runtimes.<handler>]`: one table per runtime handler.
     pub runtimes: BTreeMap<String, RuntimeHandler>,
     /// `[registries."<host>"]`: per registry host settings.
     pub registries: BTreeMap<String, RegistryHost>,
     pub cni: CniConfig,
+}
+
+/// How pod cgroups on the host are managed: by writing cgroupfs directly or
+/// through systemd slices. Must match kubelet's `cgroupDriver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    #[default]
+    Cgroupfs,
+    Systemd,
 }
 
 /// Which VMM runs a handler's sandboxes.
@@ -148,6 +162,7 @@ impl Default for Config {
         runtimes.insert(DEFAULT_HANDLER.to_string(), RuntimeHandler::default());
         Config {
             log_level: "info".to_string(),
+            cgroup_driver: CgroupDriver::default(),
             default_runtime: DEFAULT_HANDLER.to_string(),
             runtimes,
             registries: BTreeMap::new(),

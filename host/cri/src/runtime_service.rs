@@ -10,7 +10,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
-use crate::config::Config;
+use crate::config::{CgroupDriver, Config};
 use crate::{cni, status};
 
 /// `VersionResponse.version`: the kubelet runtime API version we speak.
@@ -150,9 +150,13 @@ runtime_service! {
             &self,
             _req: Request<cri::RuntimeConfigRequest>,
         ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+            let driver = match self.config.cgroup_driver {
+                CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+                CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
+            };
             Ok(Response::new(cri::RuntimeConfigResponse {
                 linux: Some(cri::LinuxRuntimeConfiguration {
-                    cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+                    cgroup_driver: driver as i32,
                 }),
             }))
         }
@@ -201,6 +205,34 @@ mod tests {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn runtime_config_reports_the_configured_cgroup_driver() {
+        for (text, want) in [
+            ("", cri::CgroupDriver::Cgroupfs),
+            ("cgroup_driver = \"cgroupfs\"", cri::CgroupDriver::Cgroupfs),
+            ("cgroup_driver = \"systemd\"", cri::CgroupDriver::Systemd),
+        ] {
+            let config = Config::parse(text, std::path::Path::new("/t.toml")).unwrap();
+            let svc = RuntimeSvc::new(Arc::new(config));
+            let r = svc
+                .runtime_config(Request::new(cri::RuntimeConfigRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.linux.unwrap().cgroup_driver, want as i32, "{text:?}");
+        }
+        let err = Config::parse(
+            "cgroup_driver = \"cgroupv2\"",
+            std::path::Path::new("/t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cgroup_driver") && err.contains("systemd"),
+            "{err}"
+        );
+    }
 
     /// The CNI config is a FIFO: reading it hangs (like a stuck disk) until
     /// a writer comes. The writer only comes after a timer on the runtime's
