@@ -139,9 +139,14 @@ fn pid_namespace_and_hostname() {
         // only the shell and its children are visible
         let visible: u32 = lines[3].trim().parse().unwrap();
         assert!(visible <= 4, "container sees {visible} processes");
-        // the guest's hostname is untouched
-        let d = f.client.guest_details().await.unwrap();
-        assert!(!d.container_ids.contains(&"pidns".to_string()));
+        // The guest's hostname is untouched: a container sharing the VM's
+        // UTS namespace (none of its own) sees the guest's, not ctr-host.
+        let mut s = spec(&["hostname"]);
+        s["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}]);
+        let (out, err, st) = run(f.client, "pidns-guest-uts", &s).await;
+        assert_eq!(st.exit_code, 0, "{err}");
+        assert!(!out.trim().is_empty(), "no guest hostname: {out:?}");
+        assert_ne!(out.trim(), "ctr-host", "the container's hostname leaked into the guest");
     });
 }
 

@@ -599,3 +599,63 @@ fn exec_racing_remove_is_refused_clearly() {
         c.check().await.unwrap();
     });
 }
+
+#[test]
+fn exec_env_and_cwd() {
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        let id = "envcwd";
+        let mut s = spec(&["sleep", "1000"]);
+        s["process"]["env"] = serde_json::json!(["PATH=/bin", "FROM_SPEC=init"]);
+        s["process"]["cwd"] = serde_json::json!("/etc");
+        c.create_container(id, bytes(&s), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let show = "echo \"foo=$FOO spec=$FROM_SPEC home=$HOME pwd=$(pwd)\"";
+        // Its own env and cwd replace the init's.
+        let e = ExecSpec {
+            args: vec!["sh".into(), "-c".into(), show.into()],
+            env: vec!["PATH=/bin".into(), "FOO=bar baz".into()],
+            cwd: "/tmp".into(),
+            ..Default::default()
+        };
+        let (out, err, st) = c
+            .exec_sync(id, "env1", &e, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(st.exit_code, 0, "{}", String::from_utf8_lossy(&err));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "foo=bar baz spec= home=/root pwd=/tmp\n"
+        );
+        // Without them, the init's.
+        let e = ExecSpec {
+            args: vec!["sh".into(), "-c".into(), show.into()],
+            ..Default::default()
+        };
+        let (out, _, _) = c
+            .exec_sync(id, "env2", &e, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "foo= spec=init home=/root pwd=/etc\n"
+        );
+        // A cwd that does not exist is a clear error.
+        let e = ExecSpec {
+            args: vec!["true".into()],
+            cwd: "/no/such/dir".into(),
+            ..Default::default()
+        };
+        let err = c.exec(id, "env3", &e).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/no/such/dir"), "{err}");
+        c.remove_container(id).await.unwrap();
+    });
+}
