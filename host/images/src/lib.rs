@@ -17,6 +17,7 @@
 mod content;
 mod dedup;
 mod error;
+mod gc;
 mod meta;
 mod oauth;
 mod pull;

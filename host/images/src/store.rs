@@ -3,19 +3,17 @@
 //! async locks, and garbage collection.
 //!
 //! Locking: every `std::sync::Mutex` here guards a small map and is never
-//! held across network I/O or an `.await`. The one held across disk work is
-//! the protection lock during [`Inner::gc`]: one metadata read and the
-//! renames into `trash/`; listing and deleting happen outside it. Per-blob / per-layer work is
-//! serialised with a per-key `tokio::sync::Mutex`, so two pulls that share a
-//! layer download and unpack it once.
+//! held across network I/O or an `.await`. Garbage collection (`gc.rs`)
+//! takes the protection lock only around each single rename into
+//! `trash/`. Per-blob / per-layer work is serialised with a per-key
+//! `tokio::sync::Mutex`, so two pulls that share a layer download and
+//! unpack it once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-
-use tracing::{debug, info};
 
 use crate::content::ContentStore;
 use crate::dedup::Dedup;
@@ -33,9 +31,8 @@ pub(crate) struct Inner {
     pub meta: MetaStore,
     /// (Normalised reference, credentials) -> the pull in progress for it.
     pub pulls: Dedup<(String, Option<Auth>), ImageRecord>,
-    /// Blob digests / diff IDs a running pull relies on (refcounted); GC
-    /// keeps them.
-    protect: Mutex<HashMap<String, usize>>,
+    /// Blob digests / diff IDs a running pull relies on; GC keeps them.
+    pub(crate) protect: Mutex<Protected>,
     key_locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     /// Cached per-blob / per-layer disk usage for `fs_usage`.
     pub usage: UsageCache,
@@ -43,6 +40,18 @@ pub(crate) struct Inner {
     pub stat_joined: AtomicU64,
     pub stat_blobs: AtomicU64,
     pub stat_bytes: AtomicU64,
+}
+
+/// What running pulls hold on to.
+#[derive(Default)]
+pub(crate) struct Protected {
+    /// Key -> number of pulls relying on it.
+    pub refs: HashMap<String, usize>,
+    /// Bumped each time a pull lets go of its keys, which it does only
+    /// after committing its image: GC compares it with the value it read
+    /// before reading the metadata to know whether that read is still
+    /// complete.
+    pub released: u64,
 }
 
 /// Drops its protections when the pull ends.
@@ -54,22 +63,26 @@ pub(crate) struct Protection {
 impl Protection {
     pub fn add(&mut self, key: &str) {
         let mut p = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
-        *p.entry(key.to_string()).or_default() += 1;
+        *p.refs.entry(key.to_string()).or_default() += 1;
         self.keys.push(key.to_string());
     }
 }
 
 impl Drop for Protection {
     fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
         let mut p = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
         for k in self.keys.drain(..) {
-            if let Some(n) = p.get_mut(&k) {
+            if let Some(n) = p.refs.get_mut(&k) {
                 *n -= 1;
                 if *n == 0 {
-                    p.remove(&k);
+                    p.refs.remove(&k);
                 }
             }
         }
+        p.released += 1;
     }
 }
 
@@ -125,7 +138,7 @@ impl Inner {
             layers,
             meta,
             pulls: Dedup::new(),
-            protect: Mutex::new(HashMap::new()),
+            protect: Mutex::new(Protected::default()),
             key_locks: Mutex::new(HashMap::new()),
             usage: UsageCache::default(),
             stat_pulls: AtomicU64::new(0),
@@ -232,72 +245,6 @@ impl Inner {
             }
         }
         Ok(None)
-    }
-
-    /// Delete blobs and layer directories no image references and no running
-    /// pull protects. The store is listed before taking the protection lock
-    /// (what appears later is no candidate this round); under the lock the
-    /// metadata is read (it must be: a pull commits its record and only then
-    /// drops its protection) and victims are renamed into `trash/` (cheap);
-    /// they are deleted after the lock is released.
-    pub fn gc(&self) -> Result<()> {
-        static RUN: AtomicU64 = AtomicU64::new(0);
-        let trash = self
-            .root
-            .join("trash")
-            .join(RUN.fetch_add(1, Ordering::Relaxed).to_string());
-        let mut candidates: Vec<(String, PathBuf)> = Vec::new();
-        for d in self.content.list()? {
-            let p = self.content.path(&d)?;
-            candidates.push((d, p));
-        }
-        for e in fs::read_dir(&self.layers).ctx(|| format!("list {}", self.layers.display()))? {
-            let e = e.ctx(|| "list layers".into())?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue; // an unpack in progress
-            }
-            candidates.push((format!("sha256:{name}"), e.path()));
-        }
-        let mut moved = 0usize;
-        {
-            let protect = self.protect.lock().unwrap_or_else(|e| e.into_inner());
-            let mut keep: HashSet<String> = HashSet::new();
-            for m in self.meta.all()? {
-                keep.extend(m.blobs);
-                keep.extend(m.diff_ids);
-            }
-            for (key, path) in candidates {
-                if keep.contains(&key) || protect.contains_key(&key) {
-                    continue;
-                }
-                if moved == 0 {
-                    private_dir(&self.root.join("trash"))?;
-                    private_dir(&trash)?;
-                }
-                let dst = trash.join(format!("{moved}"));
-                match fs::rename(&path, &dst) {
-                    Ok(()) => {}
-                    // Collected by a concurrent gc since we listed it.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(ImageError::store(
-                            format!("move {} to trash", path.display()),
-                            e,
-                        ))
-                    }
-                }
-                debug!(path = %path.display(), "garbage collected");
-                moved += 1;
-            }
-        }
-        if trash.exists() {
-            fs::remove_dir_all(&trash).ctx(|| format!("delete {}", trash.display()))?;
-        }
-        if moved > 0 {
-            info!(items = moved, "image store garbage collected");
-        }
-        Ok(())
     }
 }
 
