@@ -26,23 +26,26 @@ pub struct ExecRequest {
 pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
     validate_id("exec", &req.exec_id)?;
     let c = agent.get(&req.container_id)?;
-    if c.status() != Status::Running {
+    // Status first: a remove marks the container before it kills the
+    // init, so an init stopped by a remove is reported as the remove.
+    let status = c.status();
+    if c.is_removing() {
+        return Err(AgentError::FailedPrecondition(format!(
+            "container {:?} is being removed",
+            req.container_id
+        )));
+    }
+    if status != Status::Running {
         return Err(AgentError::FailedPrecondition(format!(
             "container {:?} is {}, not running",
             req.container_id,
-            c.status().as_str()
+            status.as_str()
         )));
     }
     if req.args.is_empty() {
         return Err(AgentError::InvalidArgument(
             "exec needs at least one argument".into(),
         ));
-    }
-    if c.is_removing() {
-        return Err(AgentError::FailedPrecondition(format!(
-            "container {:?} is being removed",
-            req.container_id
-        )));
     }
     if c.has_exec(&req.exec_id) {
         return Err(AgentError::AlreadyExists(format!(
@@ -84,6 +87,17 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
     let stdin = req.stdin;
     let exec_id = req.exec_id.clone();
     let p = tokio::task::spawn_blocking(move || {
+        // A remove (or the init's exit) ends the set-up process midway:
+        // say so rather than how the set-up broke.
+        let why = |e: AgentError| {
+            if c2.is_removing() {
+                AgentError::FailedPrecondition(format!("{what}: the container is being removed"))
+            } else if c2.init.exit_info().is_some() {
+                AgentError::FailedPrecondition(format!("{what}: the container has stopped"))
+            } else {
+                e
+            }
+        };
         let p = launch(
             &a,
             Launch {
@@ -94,7 +108,8 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
                 pid_ns: Some(pid_ns),
                 what: what.clone(),
             },
-        )?;
+        )
+        .map_err(why)?;
         // Checked above too, but a concurrent exec with the same id may
         // have launched meanwhile, or a remove begun: the check and the
         // insert are one step here (under the exec table's lock), and a
@@ -120,7 +135,7 @@ pub async fn exec(agent: &Arc<Agent>, req: ExecRequest) -> Result<u32> {
                 );
             }
             c2.retire_exec(&exec_id, &p);
-            return Err(e);
+            return Err(why(e));
         }
         Ok(p)
     })
