@@ -399,6 +399,41 @@ fn stdin_never_read_does_not_block_the_agent() {
 }
 
 #[test]
+fn client_stdin_write_resends_what_a_slow_reader_left() {
+    let f = fixture();
+    f.rt.block_on(async {
+        // Reads about 100 KB, then nothing for 5 s: the call in flight
+        // then (4 s, so the agent gives up after 3.5 s) gets a partial
+        // count, and the client must send the rest of that chunk again.
+        let c = f.client.with_timeout(Duration::from_secs(4));
+        let id = "stdin-slow";
+        let s = spec(&[
+            "sh",
+            "-c",
+            "(dd bs=1000 count=100 2>/dev/null; sleep 5; cat) | wc -c",
+        ]);
+        c.create_container(id, bytes(&s), "", None, true)
+            .await
+            .unwrap();
+        c.start_container(id).await.unwrap();
+        let data = vec![b'y'; 512 << 10];
+        c.write_stdin(id, "", &data).await.unwrap();
+        c.close_stdin(id, "").await.unwrap();
+        let out = f
+            .client
+            .read_to_end(id, "", OutputStream::Stdout)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out).trim(),
+            (512 << 10).to_string()
+        );
+        assert_eq!(f.client.wait(id, "").await.unwrap().exit_code, 0);
+        f.client.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
 fn update_applies_cpuset_and_unified_and_leaves_the_rest() {
     let f = fixture();
     let c = &f.client;

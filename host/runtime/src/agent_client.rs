@@ -616,17 +616,34 @@ impl AgentClient {
         }
     }
 
+    /// Write all of `data` to the process's stdin. The agent takes what
+    /// the process reads before the call's deadline and reports the count;
+    /// the rest is sent again, so nothing is lost while the process makes
+    /// progress. A process that reads nothing for a whole call fails it
+    /// (`DEADLINE_EXCEEDED` from the agent, or a timeout here).
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
-        // Chunks of 64 KiB: one bounded ttrpc message each.
-        for chunk in data.chunks(64 << 10) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            // Chunks of 64 KiB: one bounded ttrpc message each.
+            let n = rest.len().min(64 << 10);
             let req = WriteStdinRequest {
                 container_id: id.into(),
                 exec_id: exec_id.into(),
-                data: chunk.to_vec(),
+                data: rest[..n].to_vec(),
                 ..Default::default()
             };
-            self.call("write stdin", self.agent().write_stdin(self.ctx(), &req))
+            let r = self
+                .call("write stdin", self.agent().write_stdin(self.ctx(), &req))
                 .await?;
+            let written = (r.written as usize).min(n);
+            if written == 0 {
+                return Err(AgentClientError::Rpc {
+                    op: "write stdin",
+                    code: ttrpc::Code::DEADLINE_EXCEEDED,
+                    message: "the process read none of its stdin".into(),
+                });
+            }
+            rest = &rest[written..];
         }
         Ok(())
     }
