@@ -11,8 +11,11 @@
 //! ```
 //!
 //! Modules: [`reference`] (normalisation), `registry` (oci-client wrapper,
-//! mirrors, auth), `content` (blob store), [`unpack`] (tar -> layer dir),
-//! `meta` (redb), `pull` (one pull), `store` (shared state, GC).
+//! mirrors and fallback between endpoints, auth; `registry/errors`),
+//! `oauth` (identity-token exchange), `content` (blob store and the
+//! blocking-pool blob writer), [`unpack`] (tar -> layer dir), `meta` (redb),
+//! `pull` (one pull), `dedup` (shared in-flight pulls), `store` (shared
+//! state), `gc` (garbage collection), `usage` (cached disk usage).
 
 mod content;
 mod dedup;
