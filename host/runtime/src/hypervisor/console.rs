@@ -57,15 +57,36 @@ pub fn classify(line: &str) -> Option<ConsoleEvent> {
     }
 }
 
+/// At most this many leading `[...]` groups are stripped from a line.
+const MAX_PREFIX_GROUPS: usize = 4;
+/// Longest `[...]` group taken for a prefix (timestamps and
+/// `CONFIG_PRINTK_CALLER` ids are far shorter).
+const MAX_PREFIX_GROUP: usize = 32;
+
+/// Strip the kernel's line prefixes: the timestamp `[    1.000000]` and,
+/// with `CONFIG_PRINTK_CALLER`, the caller id `[    T1]` / `[    C0]`
+/// right after it, so `[    1.000000][    T1] reboot: Power down` reads as
+/// `reboot: Power down`. Only short groups of digits, dots, spaces and
+/// letters are taken, at most [`MAX_PREFIX_GROUPS`] of them.
 fn strip_timestamp(line: &str) -> &str {
-    let t = line.trim_start();
-    if let Some(rest) = t.strip_prefix('[') {
-        if let Some(end) = rest.find(']') {
-            let stamp = &rest[..end];
-            if stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
-                return rest[end + 1..].trim_start();
-            }
+    let mut t = line.trim_start();
+    for _ in 0..MAX_PREFIX_GROUPS {
+        let Some(rest) = t.strip_prefix('[') else {
+            break;
+        };
+        let Some(end) = rest.find(']') else {
+            break;
+        };
+        let group = &rest[..end];
+        let prefix_like = end <= MAX_PREFIX_GROUP
+            && !group.trim().is_empty()
+            && group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ');
+        if !prefix_like {
+            break;
         }
+        t = rest[end + 1..].trim_start();
     }
     t
 }
@@ -230,6 +251,51 @@ mod tests {
         assert_eq!(classify("echo reboot: Power down later"), None);
         assert_eq!(classify("reboot: Power down now"), None);
         assert_eq!(classify("[ 0.1] Run /init as init process"), None);
+    }
+
+    #[test]
+    fn classifies_lines_with_printk_caller_prefix() {
+        // CONFIG_PRINTK_CALLER adds a task (T) or CPU (C) id after the time.
+        assert_eq!(
+            classify("[    1.000000][    T1] reboot: Power down\r\n"),
+            Some(ConsoleEvent::PowerDown)
+        );
+        assert_eq!(
+            classify("[    2.500000][    C0] reboot: System halted"),
+            Some(ConsoleEvent::PowerDown)
+        );
+        assert_eq!(
+            classify("[    1.5][  T123] reboot: Restarting system"),
+            Some(ConsoleEvent::Restart)
+        );
+        assert_eq!(
+            classify("[    1.234567][    T1] Kernel panic - not syncing: Attempted to kill init!"),
+            Some(ConsoleEvent::Panic(
+                "Kernel panic - not syncing: Attempted to kill init!".into()
+            ))
+        );
+        assert_eq!(
+            classify(
+                "[    3.100000][    T1] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---"
+            ),
+            Some(ConsoleEvent::PanicEnd(
+                "Kernel panic - not syncing: Attempted to kill init!".into()
+            ))
+        );
+        // Only the plain timestamp prefix, as before.
+        assert_eq!(
+            classify("[    1.000000] reboot: Power down"),
+            Some(ConsoleEvent::PowerDown)
+        );
+        // Something else in brackets, or text before the line, still is not
+        // a power-down.
+        assert_eq!(classify("[    1.0][ T1] [x] echo reboot: Power down"), None);
+        assert_eq!(classify("[ 1.0][T1] say reboot: Power down"), None);
+        assert_eq!(
+            classify("[ 1.0][a/b: c] reboot: Power down"),
+            None,
+            "a group that is no prefix ends the stripping"
+        );
     }
 
     fn feed(log: &mut ConsoleLog<Vec<u8>>, s: &str) -> Vec<ConsoleEvent> {
