@@ -265,8 +265,10 @@ impl Connection {
     }
 
     /// Tell the guest to forget this connection; the muxer removes it once
-    /// the RST is sent.
+    /// the RST is sent. Guest data not yet written to the host socket is
+    /// dropped (and its memory freed).
     pub fn reset(&mut self) -> Verdict {
+        self.tx_buf = Vec::new();
         self.draining = None;
         self.state = State::Closed;
         self.need_rst = true;

@@ -39,7 +39,8 @@ pub const MAX_ORPHAN_RSTS: usize = 256;
 /// Guest data waiting for slow host readers, over all of a VM's
 /// connections. Each connection may hold up to its credit (`BUF_ALLOC`,
 /// 256 KiB), so without this 1024 connections could pin 256 MiB of VMM
-/// memory; a packet that would take the VM past it resets its connection.
+/// memory. Data that passes it after its socket took what it could resets
+/// the connection holding the most (see `Muxer::enforce_buffer_cap`).
 pub const MAX_BUFFERED_PER_VM: usize = 32 << 20;
 
 type Key = (u32, u32); // (local/host port, peer/guest port)
@@ -225,24 +226,10 @@ impl Muxer {
         if hdr.op == OP_RST {
             self.resets_from_guest += 1;
         }
-        // Only data can grow the buffers; summing over the connections is
-        // cheap next to moving the packet.
-        let over_cap = hdr.op == OP_RW
-            && !pkt.data.is_empty()
-            && self.buffered() + pkt.data.len() > self.max_buffered;
         if let Some(conn) = self.conns.get_mut(&key) {
-            let verdict = if over_cap && conn.state == super::connection::State::Established {
-                tracing::warn!(
-                    port = hdr.dst_port,
-                    max = self.max_buffered,
-                    "vsock: the VM's buffered guest data would pass its limit; resetting"
-                );
-                self.buffer_cap_resets += 1;
-                conn.reset()
-            } else {
-                conn.on_guest_packet(&hdr, &pkt.data)
-            };
-            match verdict {
+            // The data goes to the host socket first; only what it could
+            // not take yet stays buffered and counts against the limit.
+            match conn.on_guest_packet(&hdr, &pkt.data) {
                 Verdict::Remove => self.remove(key),
                 Verdict::Keep => {
                     if conn.wants_rx() {
@@ -250,12 +237,51 @@ impl Muxer {
                     }
                 }
             }
+            // Only data can grow the buffers; summing over the connections
+            // is cheap next to moving the packet.
+            if hdr.op == OP_RW && !pkt.data.is_empty() {
+                self.enforce_buffer_cap();
+            }
             return;
         }
         match hdr.op {
             OP_REQUEST => self.guest_connect(&hdr),
             OP_RST => {}
             _ => self.queue_rst(&hdr),
+        }
+    }
+
+    /// Keep the guest data buffered for slow host readers within
+    /// [`MAX_BUFFERED_PER_VM`]: while over it, reset the connection that
+    /// holds the most (a stalled reader), never one whose data flows: its
+    /// bytes went straight to its socket and hold no buffer.
+    fn enforce_buffer_cap(&mut self) {
+        let mut total = self.buffered();
+        while total > self.max_buffered {
+            let Some((key, held)) = self
+                .conns
+                .iter()
+                .map(|(k, c)| (*k, c.tx_buffered()))
+                .max_by_key(|(_, held)| *held)
+            else {
+                return;
+            };
+            if held == 0 {
+                return;
+            }
+            tracing::warn!(
+                port = key.0,
+                held,
+                max = self.max_buffered,
+                "vsock: the VM's buffered guest data passed its limit; resetting the \
+                 connection holding the most"
+            );
+            self.buffer_cap_resets += 1;
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.reset(); // drops its buffered data; the RST is queued
+            }
+            total -= held;
+            self.schedule(key);
         }
     }
 
