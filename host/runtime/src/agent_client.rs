@@ -29,6 +29,8 @@ pub use ttrpc::Code;
 pub use vmpod_proto::agent;
 pub use vmpod_proto::AGENT_VSOCK_PORT;
 
+/// The message of ttrpc's client-side request deadline error.
+const TTRPC_DEADLINE_ELAPSED: &str = "Request deadline elapsed";
 /// Longest a re-dial after a broken connection may take.
 const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default per-call timeout.
@@ -97,6 +99,13 @@ impl AgentClientError {
                 code: s.code(),
                 message: s.message().to_string(),
             },
+            // ttrpc's own deadline (the request's timeout) fired: the
+            // connection is fine, the agent was slow.
+            ttrpc::Error::Others(m) if m == TTRPC_DEADLINE_ELAPSED => {
+                AgentClientError::Timeout { op, timeout }
+            }
+            // Socket errors, closed streams, EOF, undecodable frames: the
+            // connection is unusable.
             other => AgentClientError::Transport {
                 op,
                 message: other.to_string(),
@@ -223,13 +232,15 @@ impl AgentClient {
     /// Run an RPC under the client timeout (enforced locally too, so a
     /// stalled connection cannot hang the caller). A broken connection is
     /// re-dialled for the next call; this one fails (it may have run).
-    async fn call<T>(
-        &self,
-        op: &'static str,
-        f: impl std::future::Future<Output = ttrpc::Result<T>>,
-    ) -> Result<T> {
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        // The generation is read before the call takes its client, so a
+        // failure is never blamed on a connection made after it started.
         let generation = self.conn.generation();
-        let r = self.call_once(op, f).await;
+        let r = self.call_once(op, f()).await;
         if let Err(AgentClientError::Transport { .. }) = &r {
             self.redial(generation).await;
         }
@@ -310,10 +321,9 @@ impl AgentClient {
     }
 
     pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<()> {
-        self.call(
-            "create sandbox",
-            self.agent().create_sandbox(self.ctx(), &req),
-        )
+        self.call("create sandbox", || async {
+            self.agent().create_sandbox(self.ctx(), &req).await
+        })
         .await
         .map(drop)
     }
@@ -328,17 +338,19 @@ impl AgentClient {
             unix_nanos: now,
             ..Default::default()
         };
-        self.call("set time", self.agent().set_time(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.call("set time", || async {
+            self.agent().set_time(self.ctx(), &req).await
+        })
+        .await
+        .map(drop)
     }
 
     pub async fn destroy_sandbox(&self) -> Result<()> {
-        self.call(
-            "destroy sandbox",
+        self.call("destroy sandbox", || async {
             self.agent()
-                .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new()),
-        )
+                .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
+                .await
+        })
         .await
         .map(drop)
     }
@@ -370,10 +382,9 @@ impl AgentClient {
             ..Default::default()
         };
         Ok(self
-            .call(
-                "create container",
-                self.agent().create_container(self.ctx(), &req),
-            )
+            .call("create container", || async {
+                self.agent().create_container(self.ctx(), &req).await
+            })
             .await?
             .pid)
     }
@@ -383,10 +394,9 @@ impl AgentClient {
             container_id: id.into(),
             ..Default::default()
         };
-        self.call(
-            "start container",
-            self.agent().start_container(self.ctx(), &req),
-        )
+        self.call("start container", || async {
+            self.agent().start_container(self.ctx(), &req).await
+        })
         .await
         .map(drop)
     }
@@ -399,9 +409,11 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.call("signal", self.agent().signal_process(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.call("signal", || async {
+            self.agent().signal_process(self.ctx(), &req).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Wait for a process to exit (bounded by this client's timeout).
@@ -424,10 +436,9 @@ impl AgentClient {
             container_id: id.into(),
             ..Default::default()
         };
-        self.call(
-            "remove container",
-            self.agent().remove_container(self.ctx(), &req),
-        )
+        self.call("remove container", || async {
+            self.agent().remove_container(self.ctx(), &req).await
+        })
         .await
         .map(drop)
     }
@@ -442,10 +453,9 @@ impl AgentClient {
                 message: format!("encoding resources: {e}"),
             }
         })?;
-        self.call(
-            "update container",
-            self.agent().update_container(self.ctx(), &req),
-        )
+        self.call("update container", || async {
+            self.agent().update_container(self.ctx(), &req).await
+        })
         .await
         .map(drop)
     }
@@ -492,7 +502,9 @@ impl AgentClient {
             ..Default::default()
         };
         Ok(self
-            .call("exec", self.agent().exec_process(self.ctx(), &req))
+            .call("exec", || async {
+                self.agent().exec_process(self.ctx(), &req).await
+            })
             .await?
             .pid)
     }
@@ -520,7 +532,9 @@ impl AgentClient {
             ..Default::default()
         };
         let r = self
-            .call("read output", self.agent().read_stream(self.ctx(), &req))
+            .call("read output", || async {
+                self.agent().read_stream(self.ctx(), &req).await
+            })
             .await?;
         Ok((r.data, r.eof))
     }
@@ -633,7 +647,9 @@ impl AgentClient {
                 ..Default::default()
             };
             let r = self
-                .call("write stdin", self.agent().write_stdin(self.ctx(), &req))
+                .call("write stdin", || async {
+                    self.agent().write_stdin(self.ctx(), &req).await
+                })
                 .await?;
             let written = (r.written as usize).min(n);
             if written == 0 {
@@ -654,9 +670,11 @@ impl AgentClient {
             exec_id: exec_id.into(),
             ..Default::default()
         };
-        self.call("close stdin", self.agent().close_stdin(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.call("close stdin", || async {
+            self.agent().close_stdin(self.ctx(), &req).await
+        })
+        .await
+        .map(drop)
     }
 
     pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
@@ -667,9 +685,11 @@ impl AgentClient {
             cols,
             ..Default::default()
         };
-        self.call("resize tty", self.agent().resize_tty(self.ctx(), &req))
-            .await
-            .map(drop)
+        self.call("resize tty", || async {
+            self.agent().resize_tty(self.ctx(), &req).await
+        })
+        .await
+        .map(drop)
     }
 }
 

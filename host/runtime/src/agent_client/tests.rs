@@ -75,7 +75,8 @@ fn wait_response_maps() {
     assert!(e.oom_killed && e.signal == 9 && e.exit_code == 137);
 }
 
-/// A health service that counts the checks it answers.
+/// A health service that counts the checks it answers; `version` takes
+/// a second (a slow agent, not a broken connection).
 struct Health(Arc<AtomicUsize>);
 
 #[async_trait::async_trait]
@@ -88,6 +89,7 @@ impl vmpod_proto::health_ttrpc::Health for Health {
         })
     }
     async fn version(&self, _: &TtrpcContext, _: VersionRequest) -> ttrpc::Result<VersionResponse> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
         Ok(VersionResponse {
             agent_version: "test".into(),
             ..Default::default()
@@ -202,5 +204,22 @@ async fn redial_failure_keeps_the_original_error() {
     agent.cut().await;
     let e = c.check().await.unwrap_err();
     assert!(matches!(e, AgentClientError::Transport { .. }), "{e}");
+    assert_eq!(agent.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_a_timeout_not_a_broken_connection() {
+    let agent = CuttableAgent::start().await;
+    let c = AgentClient::connect(&agent.front, 1024, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let e = c
+        .with_timeout(Duration::from_millis(200))
+        .version()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AgentClientError::Timeout { .. }), "{e}");
+    // Neither re-dialled nor retried: the connection still serves.
+    c.check().await.unwrap();
     assert_eq!(agent.accepted.load(Ordering::SeqCst), 1);
 }
