@@ -20,15 +20,27 @@
 //!   alike (`lsetxattr`, never through a symlink). `trusted.overlay.*`
 //!   attributes from the image are dropped: only we decide what overlayfs
 //!   sees (opaque directories come from `.wh..wh..opq`).
+//! * Directory mtimes are set at the end through a handle opened beneath
+//!   the layer root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`,
+//!   never by path: a later entry may have replaced a parent with a
+//!   symlink (`a/`, `a/x/`, then `a -> /etc`), and a path walk would then
+//!   touch `/etc/x` on the host. Saved directories that a later entry
+//!   removed or replaced are dropped before that.
+//! * Without CAP_MKNOD (unprivileged, or root in a user namespace) device
+//!   nodes are skipped with a warning, as containerd does there, and so
+//!   are hard links to a skipped node.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{self, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use sha2::{Digest as _, Sha256};
@@ -78,7 +90,11 @@ pub fn sanitize_path(raw: &Path) -> std::result::Result<Option<PathBuf>, String>
 
 /// Create the parents of `root/rel` as real directories, refusing to pass
 /// through a symlink or a non-directory.
-fn ensure_parents(root: &Path, rel: &Path) -> std::result::Result<(), String> {
+fn ensure_parents(
+    root: &Path,
+    rel: &Path,
+    state: &mut LayerState,
+) -> std::result::Result<(), String> {
     let mut cur = root.to_path_buf();
     let Some(parent) = rel.parent() else {
         return Ok(());
@@ -97,6 +113,7 @@ fn ensure_parents(root: &Path, rel: &Path) -> std::result::Result<(), String> {
             Ok(_) => {
                 // A file (or whiteout) where a directory is needed: replace.
                 fs::remove_file(&cur).map_err(|e| format!("replace {}: {e}", cur.display()))?;
+                state.forget(cur.strip_prefix(root).unwrap_or(&cur));
                 fs::create_dir(&cur).map_err(|e| format!("mkdir {}: {e}", cur.display()))?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -122,6 +139,25 @@ fn clear_path(path: &Path, keep_dir: bool) -> io::Result<()> {
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// What an unpack remembers across entries.
+#[derive(Default)]
+struct LayerState {
+    /// Directories (relative to the layer root) and their mtimes, set once
+    /// the whole layer is written.
+    dir_times: Vec<(PathBuf, i64)>,
+    /// Device nodes (relative) left out for lack of CAP_MKNOD.
+    skipped: HashSet<PathBuf>,
+}
+
+impl LayerState {
+    /// `rel` and everything under it was removed or replaced: forget what
+    /// we saved about it.
+    fn forget(&mut self, rel: &Path) {
+        self.dir_times.retain(|(d, _)| !d.starts_with(rel));
+        self.skipped.retain(|d| !d.starts_with(rel));
     }
 }
 
@@ -182,7 +218,7 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked> {
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut entries = 0u64;
-    let mut dir_times = Vec::new();
+    let mut state = LayerState::default();
     {
         let mut archive = tar::Archive::new(&mut hr);
         archive.set_preserve_permissions(true);
@@ -193,15 +229,13 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked> {
         archive.set_overwrite(true);
         for entry in archive.entries().ctx(op)? {
             let mut entry = entry.ctx(op)?;
-            apply_entry(&mut entry, dest, is_root, &mut dir_times)
+            apply_entry(&mut entry, dest, is_root, &mut state)
                 .map_err(|e| ImageError::store(op(), e))?;
             entries += 1;
         }
     }
     // Directory mtimes last: every entry written into a directory changed it.
-    for (dir, mtime) in dir_times {
-        set_mtime(&dir, mtime).map_err(|e| ImageError::store(op(), e))?;
-    }
+    set_dir_times(dest, &state.dir_times).map_err(|e| ImageError::store(op(), e))?;
     // Hash any trailing padding after the end-of-archive blocks as well.
     io::copy(&mut hr, &mut io::sink()).ctx(op)?;
     Ok(Unpacked {
@@ -215,7 +249,7 @@ fn apply_entry<R: Read>(
     entry: &mut tar::Entry<R>,
     root: &Path,
     is_root: bool,
-    dir_times: &mut Vec<(PathBuf, i64)>,
+    state: &mut LayerState,
 ) -> std::result::Result<(), String> {
     let kind = entry.header().entry_type();
     if kind.is_pax_global_extensions()
@@ -232,7 +266,7 @@ fn apply_entry<R: Read>(
     let Some(rel) = sanitize_path(&raw)? else {
         return Ok(()); // the archive root itself
     };
-    ensure_parents(root, &rel)?;
+    ensure_parents(root, &rel, state)?;
     let target = root.join(&rel);
     let name = rel
         .file_name()
@@ -252,6 +286,7 @@ fn apply_entry<R: Read>(
         }
         let wh = target.with_file_name(hidden);
         clear_path(&wh, false).map_err(|e| format!("clear {}: {e}", wh.display()))?;
+        state.forget(&rel.with_file_name(hidden));
         nix::sys::stat::mknod(
             &wh,
             nix::sys::stat::SFlag::S_IFCHR,
@@ -264,6 +299,12 @@ fn apply_entry<R: Read>(
 
     clear_path(&target, kind == EntryType::Directory)
         .map_err(|e| format!("replace {}: {e}", target.display()))?;
+    if kind == EntryType::Directory {
+        // A directory already there is kept, with what is in it.
+        state.skipped.remove(&rel);
+    } else {
+        state.forget(&rel);
+    }
     if kind == EntryType::Link {
         let link = entry
             .link_name()
@@ -271,8 +312,16 @@ fn apply_entry<R: Read>(
             .ok_or_else(|| format!("hard link {} without target", raw.display()))?;
         let link_rel = sanitize_path(&link)?
             .ok_or_else(|| format!("hard link {} to the root", raw.display()))?;
+        if state.skipped.contains(&link_rel) {
+            warn!(
+                path = %raw.display(),
+                target = %link.display(),
+                "hard link to a skipped device node skipped"
+            );
+            return Ok(());
+        }
         let src = root.join(&link_rel);
-        ensure_parents(root, &link_rel)?;
+        ensure_parents(root, &link_rel, state)?;
         let m = fs::symlink_metadata(&src)
             .map_err(|e| format!("hard link {} -> {}: {e}", raw.display(), link.display()))?;
         if m.is_dir() {
@@ -284,6 +333,7 @@ fn apply_entry<R: Read>(
     match kind {
         EntryType::Char | EntryType::Block | EntryType::Fifo => {
             if !make_node(entry.header(), &target, is_root)? {
+                state.skipped.insert(rel);
                 return Ok(());
             }
         }
@@ -299,15 +349,17 @@ fn apply_entry<R: Read>(
             .header()
             .mtime()
             .map_err(|e| format!("mtime of {}: {e}", raw.display()))?;
-        dir_times.push((target, i64::try_from(mtime).unwrap_or(i64::MAX)));
+        state
+            .dir_times
+            .push((rel, i64::try_from(mtime).unwrap_or(i64::MAX)));
     }
     Ok(())
 }
 
 /// A character or block device or a FIFO, with the entry's owner (when we
 /// are root), mode and mtime. `Ok(false)` when skipped: device nodes need
-/// CAP_MKNOD, so an unprivileged unpack (tests run that way elsewhere)
-/// leaves them out, as containerd does in a user namespace.
+/// CAP_MKNOD, so an unpack without it (unprivileged, or root in a user
+/// namespace) leaves them out, as containerd does in a user namespace.
 fn make_node(h: &tar::Header, target: &Path, is_root: bool) -> std::result::Result<bool, String> {
     let what = |e: &dyn std::fmt::Display| format!("create node {}: {e}", target.display());
     let kind = match h.entry_type() {
@@ -325,8 +377,8 @@ fn make_node(h: &tar::Header, target: &Path, is_root: bool) -> std::result::Resu
     let mode = h.mode().map_err(|e| what(&e))? & 0o7777;
     match stat::mknod(target, kind, Mode::empty(), dev) {
         Ok(()) => {}
-        Err(Errno::EPERM) if !is_root && kind != SFlag::S_IFIFO => {
-            debug!(path = %target.display(), "device node skipped: not root");
+        Err(Errno::EPERM) if kind != SFlag::S_IFIFO => {
+            warn!(path = %target.display(), "device node skipped: no CAP_MKNOD");
             return Ok(false);
         }
         Err(e) => return Err(what(&e)),
@@ -359,6 +411,75 @@ fn set_mtime(path: &Path, secs: i64) -> std::result::Result<(), String> {
         Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(()),
         Err(e) => Err(format!("set mtime of {}: {e}", path.display())),
     }
+}
+
+/// Set each saved directory's atime = mtime through a handle opened
+/// beneath `root` without following any symlink (see the module docs).
+/// A directory gone or replaced since is fine.
+fn set_dir_times(root: &Path, dirs: &[(PathBuf, i64)]) -> std::result::Result<(), String> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let root_fd = open_fd(
+        None,
+        root,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+    )
+    .map_err(|e| format!("open {}: {e}", root.display()))?;
+    let how = |flags: OFlag| {
+        OpenHow::new()
+            .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS)
+    };
+    let open_beneath = |rel: &Path, flags: OFlag| {
+        nix::fcntl::openat2(root_fd.as_raw_fd(), rel, how(flags))
+            // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    for (rel, secs) in dirs {
+        let t = TimeSpec::new(*secs, 0);
+        let res = match open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+            Ok(fd) => stat::futimens(fd.as_raw_fd(), &t, &t),
+            // A directory we may not read (unprivileged unpack): its parent
+            // is opened the same safe way and the last component is never
+            // followed.
+            Err(Errno::EACCES) => {
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                let name = rel.file_name().unwrap_or_default();
+                let pfd = if parent.as_os_str().is_empty() {
+                    root_fd.try_clone().map_err(|_| Errno::EBADF)
+                } else {
+                    open_beneath(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
+                };
+                pfd.and_then(|p| {
+                    stat::utimensat(
+                        Some(p.as_raw_fd()),
+                        name,
+                        &t,
+                        &t,
+                        UtimensatFlags::NoFollowSymlink,
+                    )
+                })
+            }
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => {}
+            // Gone, or no longer a directory beneath the root reachable
+            // without symlinks: a later entry replaced it.
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => {
+                debug!(path = %rel.display(), "directory mtime not set: replaced");
+            }
+            Err(e) => return Err(format!("set mtime of {}: {e}", root.join(rel).display())),
+        }
+    }
+    Ok(())
+}
+
+fn open_fd(dir: Option<&OwnedFd>, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(dir.map(|d| d.as_raw_fd()), path, flags, Mode::empty())?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The entry's `SCHILY.xattr.*` PAX records, set with `lsetxattr`.

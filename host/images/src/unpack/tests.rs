@@ -191,7 +191,7 @@ fn append_meta(
             h.set_device_minor(min.parse().unwrap()).unwrap();
             h.set_size(0);
         }
-        EntryType::Symlink => {
+        EntryType::Symlink | EntryType::Link => {
             h.set_link_name(extra).unwrap();
             h.set_size(0);
         }
@@ -355,4 +355,161 @@ fn xattrs_on_dirs_symlinks_files_and_nodes_but_not_overlay_ones() {
     assert_eq!(get("d/file", "trusted.overlay.redirect"), None);
     assert_eq!(get("d/fifo", "trusted.fifo").as_deref(), Some(&b"f1"[..]));
     assert_eq!(fs::symlink_metadata(l.join("d")).unwrap().mtime(), 5);
+}
+
+/// `a/`, `a/shadow/`, then `a` replaced by a symlink to a directory outside
+/// the layer that has a `shadow` in it: setting the saved directory times
+/// at the end must not touch that outside `shadow`.
+#[test]
+fn dir_times_never_follow_a_parent_replaced_by_a_symlink() {
+    let outside = tempfile::tempdir().unwrap();
+    let shadow = outside.path().join("shadow");
+    fs::create_dir(&shadow).unwrap();
+    let t = TimeSpec::new(1_234_567, 0);
+    stat::utimensat(None, &shadow, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
+    let before = fs::metadata(&shadow).unwrap().mtime();
+    assert_eq!(before, 1_234_567);
+
+    let mut b = tar::Builder::new(Vec::new());
+    append_meta(&mut b, "a/", EntryType::Directory, 0o755, (0, 0), 7, "");
+    append_meta(
+        &mut b,
+        "a/shadow/",
+        EntryType::Directory,
+        0o755,
+        (0, 0),
+        7,
+        "",
+    );
+    let target = outside.path().to_str().unwrap();
+    append_meta(&mut b, "a", EntryType::Symlink, 0o777, (0, 0), 7, target);
+    append_meta(&mut b, "b/", EntryType::Directory, 0o755, (0, 0), 9, "");
+    let (d, r) = unpack_bytes(&b.into_inner().unwrap());
+    r.unwrap();
+    let l = d.path().join("layer");
+    assert_eq!(fs::read_link(l.join("a")).unwrap(), outside.path());
+    assert_eq!(
+        fs::metadata(&shadow).unwrap().mtime(),
+        before,
+        "the directory outside the layer got the layer's mtime"
+    );
+    assert_ne!(
+        fs::metadata(outside.path()).unwrap().mtime(),
+        7,
+        "the symlink's target got a directory mtime"
+    );
+    // Directories that stayed still get theirs.
+    assert_eq!(fs::symlink_metadata(l.join("b")).unwrap().mtime(), 9);
+}
+
+/// Drop CAP_MKNOD from this thread's effective set (capabilities are per
+/// thread), as in a user namespace or an unprivileged daemon.
+fn drop_cap_mknod_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_MKNOD: u32 = 27;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: header and two data structs as capget(2)/capset(2) want.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) };
+    assert_eq!(rc, 0, "capget: {}", io::Error::last_os_error());
+    d[0].effective &= !(1 << CAP_MKNOD);
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
+    assert_eq!(rc, 0, "capset: {}", io::Error::last_os_error());
+}
+
+/// Without CAP_MKNOD (even as uid 0) device nodes are skipped, and so is a
+/// hard link to one: the rest of the layer unpacks.
+#[test]
+fn without_cap_mknod_nodes_and_hard_links_to_them_are_skipped() {
+    let mut b = tar::Builder::new(Vec::new());
+    append_meta(&mut b, "dev/", EntryType::Directory, 0o755, (0, 0), 1, "");
+    append_meta(&mut b, "dev/null", EntryType::Char, 0o666, (0, 0), 1, "1,3");
+    append_meta(
+        &mut b,
+        "dev/loop9",
+        EntryType::Block,
+        0o600,
+        (0, 0),
+        1,
+        "7,9",
+    );
+    append_meta(
+        &mut b,
+        "dev/null2",
+        EntryType::Link,
+        0o666,
+        (0, 0),
+        1,
+        "dev/null",
+    );
+    append_meta(&mut b, "dev/fifo", EntryType::Fifo, 0o600, (0, 0), 1, "");
+    append_meta(&mut b, "etc/", EntryType::Directory, 0o755, (0, 0), 1, "");
+    append_meta(&mut b, "etc/ok", EntryType::Regular, 0o644, (0, 0), 1, "ok");
+    append_meta(
+        &mut b,
+        "etc/ok2",
+        EntryType::Link,
+        0o644,
+        (0, 0),
+        1,
+        "etc/ok",
+    );
+    // A node replaced by a file: a link to it is a real link again.
+    append_meta(&mut b, "dev/zero", EntryType::Char, 0o666, (0, 0), 1, "1,5");
+    append_meta(
+        &mut b,
+        "dev/zero",
+        EntryType::Regular,
+        0o644,
+        (0, 0),
+        1,
+        "z",
+    );
+    append_meta(
+        &mut b,
+        "dev/zero2",
+        EntryType::Link,
+        0o644,
+        (0, 0),
+        1,
+        "dev/zero",
+    );
+    let tar = b.into_inner().unwrap();
+    let (d, r) = std::thread::spawn(move || {
+        drop_cap_mknod_in_this_thread();
+        unpack_bytes(&tar)
+    })
+    .join()
+    .unwrap();
+    let u = r.expect("the layer unpacks without CAP_MKNOD");
+    assert_eq!(u.entries, 11);
+    let l = d.path().join("layer");
+    for gone in ["dev/null", "dev/loop9", "dev/null2"] {
+        assert!(
+            fs::symlink_metadata(l.join(gone)).is_err(),
+            "{gone} should have been skipped"
+        );
+    }
+    assert!(fs::symlink_metadata(l.join("dev/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_eq!(fs::read_to_string(l.join("etc/ok2")).unwrap(), "ok");
+    assert_eq!(fs::read_to_string(l.join("dev/zero2")).unwrap(), "z");
 }
