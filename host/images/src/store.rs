@@ -47,11 +47,17 @@ pub(crate) struct Inner {
 pub(crate) struct Protected {
     /// Key -> number of pulls relying on it.
     pub refs: HashMap<String, usize>,
-    /// Bumped each time a pull lets go of its keys, which it does only
-    /// after committing its image: GC compares it with the value it read
-    /// before reading the metadata to know whether that read is still
-    /// complete.
-    pub released: u64,
+    /// Bumped each time a pull lets go of its keys (which it does only
+    /// after committing its image).
+    pub epoch: u64,
+    /// While a GC round is planned or applied (`gc_rounds > 0`): each key
+    /// that stopped being protected, with the `epoch` it happened at. GC
+    /// skips a key released after its plan's metadata read (that read may
+    /// miss the image that now references it); other pulls ending do not
+    /// disturb it.
+    pub released: HashMap<String, u64>,
+    /// GC rounds in progress; `released` is cleared when none is.
+    pub gc_rounds: usize,
 }
 
 /// Drops its protections when the pull ends.
@@ -73,16 +79,20 @@ impl Drop for Protection {
         if self.keys.is_empty() {
             return;
         }
-        let mut p = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.inner.protect.lock().unwrap_or_else(|e| e.into_inner());
+        let p = &mut *guard;
+        p.epoch += 1;
         for k in self.keys.drain(..) {
             if let Some(n) = p.refs.get_mut(&k) {
                 *n -= 1;
                 if *n == 0 {
                     p.refs.remove(&k);
+                    if p.gc_rounds > 0 {
+                        p.released.insert(k, p.epoch);
+                    }
                 }
             }
         }
-        p.released += 1;
     }
 }
 
