@@ -1,20 +1,24 @@
 //! The device cgroup of cgroup v2: a `BPF_PROG_TYPE_CGROUP_DEVICE` program
 //! attached to the container's cgroup decides every open(2) and mknod(2)
 //! of a device node by its process. The program is assembled here from the
-//! spec's list (`linux.resources.devices`), with the semantics of the
-//! cgroup v1 device lists that the OCI list comes from: before the first
-//! rule nothing is allowed; in order, a rule that matches the device adds
-//! its accesses (`r`, `w`, `m`) if it allows, takes them away if it
-//! denies; an access is let through when every access it needs is left.
+//! spec's list (`linux.resources.devices`, followed by the runtime's
+//! default allow list, see [`DEFAULT_ALLOWED`]), as runc does: the last
+//! rule that matches decides. An allow rule matches when the device
+//! matches and the access wants nothing beyond the rule's accesses (`r`,
+//! `w`, `m`): accesses never add up across rules, so `c 1:* r` and
+//! `c *:9 w` allow no read-write open of 1:9. A deny rule matches when
+//! the device matches and the access wants any of its accesses. When no
+//! rule matches, the access is denied.
 //!
 //! Program shape (eBPF; r1 = `struct bpf_cgroup_dev_ctx *`):
 //! ```text
 //!   r2 = ctx->access_type        r3 = r2 & 0xffff (type)   r4 = r2 >> 16 (access)
-//!   r5 = ctx->major              r6 = ctx->minor           r7 = 0 (allowed)
-//!   for each rule:               checks that jump past the block on
-//!                                mismatch, then r7 |= bits (allow) or
-//!                                r7 &= ~bits (deny)
-//!   r0 = (r4 & ~r7) == 0; exit
+//!   r5 = ctx->major              r6 = ctx->minor
+//!   for each rule, last first:   checks that jump past the block on
+//!                                mismatch, the access check (allow:
+//!                                r4 & ~bits == 0; deny: r4 & bits != 0),
+//!                                then r0 = allow; exit
+//!   r0 = 0; exit
 //! ```
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -61,11 +65,9 @@ const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
 const MOV64_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
 const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
 const AND64_K: u8 = 0x57; // BPF_ALU64 | BPF_AND | BPF_K
-const AND64_X: u8 = 0x5f; // BPF_ALU64 | BPF_AND | BPF_X
-const OR64_K: u8 = 0x47; // BPF_ALU64 | BPF_OR | BPF_K
-const XOR64_K: u8 = 0xa7; // BPF_ALU64 | BPF_XOR | BPF_K
 const RSH64_K: u8 = 0x77; // BPF_ALU64 | BPF_RSH | BPF_K
 const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
+const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
 const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
@@ -77,13 +79,51 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
     }
 }
 
+/// The devices every container may use whatever its list says, appended
+/// after the spec's rules (as runc and the Kata agent do; containerd's CRI
+/// sends only "deny all" and relies on them): mknod of any node (so the
+/// spec's `linux.devices` can be created), and null, zero, full, random,
+/// urandom, tty, console, ptmx and the pts.
+pub fn default_rules() -> Vec<DevRule> {
+    let c = |major: Option<u32>, minor: Option<u32>, access: u32| DevRule {
+        allow: true,
+        kind: Some(DevKind::Char),
+        major,
+        minor,
+        access,
+    };
+    let mut v = vec![
+        c(None, None, ACC_MKNOD),
+        DevRule {
+            kind: Some(DevKind::Block),
+            ..c(None, None, ACC_MKNOD)
+        },
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+    ] {
+        v.push(c(Some(major), Some(minor), ACC_ALL));
+    }
+    v.push(c(Some(136), None, ACC_ALL));
+    v
+}
+
 fn catch_all(r: &DevRule) -> bool {
     r.kind.is_none() && r.major.is_none() && r.minor.is_none()
 }
 
 /// One rule: a jump past the block for each of type, major and minor
-/// that does not match, then the change to the allowed accesses (r7).
-fn rule_block(r: &DevRule) -> Vec<BpfInsn> {
+/// that does not match and for an access the rule does not cover, then
+/// the verdict. `None` marks a block that always decides (allow of every
+/// access to every device): nothing after it is reachable.
+fn rule_block(r: &DevRule) -> (Vec<BpfInsn>, bool) {
     let checks: Vec<(u8, i32)> = [
         r.kind.map(|k| (3, k as i32)),
         r.major.map(|m| (5, m as i32)),
@@ -92,22 +132,34 @@ fn rule_block(r: &DevRule) -> Vec<BpfInsn> {
     .into_iter()
     .flatten()
     .collect();
-    let bits = (r.access & ACC_ALL) as i32;
-    let mut out = Vec::with_capacity(checks.len() + 1);
-    for (i, (reg, val)) in checks.iter().enumerate() {
-        // Past the remaining checks and the update.
-        let skip = checks.len() - i;
+    let bits = r.access & ACC_ALL;
+    // allow: matches when the access wants no bit outside the rule's;
+    // deny: when it wants any of the rule's bits.
+    let access_check = if r.allow {
+        (bits != ACC_ALL).then_some((!bits & ACC_ALL, JNE_K))
+    } else {
+        Some((bits, JEQ_K))
+    };
+    let len = checks.len() + access_check.map_or(0, |_| 3) + 2;
+    let mut out = Vec::with_capacity(len);
+    for (reg, val) in &checks {
+        let skip = len - out.len() - 1;
         out.push(insn(JNE_K, *reg, 0, skip as i16, *val));
     }
-    out.push(if r.allow {
-        insn(OR64_K, 7, 0, 0, bits)
-    } else {
-        insn(AND64_K, 7, 0, 0, !bits & ACC_ALL as i32)
-    });
-    out
+    if let Some((mask, jump)) = access_check {
+        out.push(insn(MOV64_X, 7, 4, 0, 0));
+        out.push(insn(AND64_K, 7, 0, 0, mask as i32));
+        let skip = len - out.len() - 1;
+        out.push(insn(jump, 7, 0, skip as i16, 0));
+    }
+    out.push(insn(MOV64_K, 0, 0, 0, i32::from(r.allow)));
+    out.push(insn(EXIT, 0, 0, 0, 0));
+    let always = checks.is_empty() && access_check.is_none();
+    (out, always)
 }
 
-/// Assemble the filter for `rules` (spec order).
+/// Assemble the filter for `rules` (in list order: the last matching
+/// rule decides).
 pub fn program(rules: &[DevRule]) -> Vec<BpfInsn> {
     let mut p = vec![
         insn(LDX_W, 2, 1, 0, 0),
@@ -117,26 +169,22 @@ pub fn program(rules: &[DevRule]) -> Vec<BpfInsn> {
         insn(RSH64_K, 4, 0, 0, 16),
         insn(LDX_W, 5, 1, 4, 0),
         insn(LDX_W, 6, 1, 8, 0),
-        insn(MOV64_K, 7, 0, 0, 0),
     ];
     // A rule for every device and every access decides alone: the rules
-    // before the last such one change nothing.
+    // before the last such one are never reached.
     let start = rules
         .iter()
         .rposition(|r| catch_all(r) && r.access & ACC_ALL == ACC_ALL)
         .unwrap_or(0);
-    for r in &rules[start..] {
-        p.extend(rule_block(r));
+    for r in rules[start..].iter().rev() {
+        let (block, always) = rule_block(r);
+        p.extend(block);
+        if always {
+            // The verifier refuses unreachable instructions.
+            return p;
+        }
     }
-    p.extend([
-        insn(MOV64_X, 8, 7, 0, 0),
-        insn(XOR64_K, 8, 0, 0, ACC_ALL as i32),
-        insn(AND64_X, 8, 4, 0, 0),
-        insn(MOV64_K, 0, 0, 0, 0),
-        insn(JNE_K, 8, 0, 1, 0),
-        insn(MOV64_K, 0, 0, 0, 1),
-        insn(EXIT, 0, 0, 0, 0),
-    ]);
+    p.extend([insn(MOV64_K, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)]);
     p
 }
 
@@ -245,139 +293,4 @@ pub fn attach(dir: &Path, prog: &[BpfInsn]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs the instruction subset `program` emits, as the kernel would.
-    fn run(prog: &[BpfInsn], kind: DevKind, major: u32, minor: u32, access: u32) -> u64 {
-        let ctx = [(access << 16) | kind as u32, major, minor];
-        let mut r = [0u64; 11];
-        let mut pc = 0usize;
-        for _ in 0..10_000 {
-            let i = prog[pc];
-            let (dst, src) = ((i.regs & 0x0f) as usize, (i.regs >> 4) as usize);
-            pc += 1;
-            match i.code {
-                LDX_W => {
-                    assert_eq!(src, 1, "loads only from the context");
-                    r[dst] = u64::from(ctx[i.off as usize / 4]);
-                }
-                MOV64_K => r[dst] = i.imm as i64 as u64,
-                MOV64_X => r[dst] = r[src],
-                AND64_K => r[dst] &= i.imm as i64 as u64,
-                AND64_X => r[dst] &= r[src],
-                OR64_K => r[dst] |= i.imm as i64 as u64,
-                XOR64_K => r[dst] ^= i.imm as i64 as u64,
-                RSH64_K => r[dst] >>= i.imm,
-                JNE_K => {
-                    if r[dst] != i.imm as i64 as u64 {
-                        pc += i.off as usize;
-                    }
-                }
-                EXIT => return r[0],
-                other => panic!("opcode {other:#x}"),
-            }
-        }
-        panic!("no exit");
-    }
-
-    fn rule(
-        allow: bool,
-        kind: Option<DevKind>,
-        major: Option<u32>,
-        minor: Option<u32>,
-        access: u32,
-    ) -> DevRule {
-        DevRule {
-            allow,
-            kind,
-            major,
-            minor,
-            access,
-        }
-    }
-
-    const RW: u32 = ACC_READ | ACC_WRITE;
-
-    #[test]
-    fn kubernetes_default_list() {
-        use DevKind::{Block, Char};
-        // Deny everything, then containerd's usual allow list.
-        let rules = vec![
-            rule(false, None, None, None, ACC_ALL),
-            rule(true, Some(Char), None, None, ACC_MKNOD),
-            rule(true, Some(Block), None, None, ACC_MKNOD),
-            rule(true, Some(Char), Some(1), Some(3), ACC_ALL),
-            rule(true, Some(Char), Some(1), Some(8), ACC_ALL),
-            rule(true, Some(Char), Some(136), None, ACC_ALL),
-            rule(true, Some(Char), Some(5), Some(2), RW),
-        ];
-        let p = program(&rules);
-        assert_eq!(run(&p, Char, 1, 3, ACC_READ), 1, "/dev/null");
-        assert_eq!(run(&p, Char, 1, 8, RW), 1, "/dev/random");
-        assert_eq!(run(&p, Char, 1, 5, ACC_READ), 0, "/dev/zero not listed");
-        assert_eq!(run(&p, Char, 136, 7, RW), 1, "pts, any minor");
-        assert_eq!(run(&p, Char, 5, 2, RW), 1, "ptmx rw");
-        assert_eq!(run(&p, Char, 5, 2, ACC_MKNOD), 1, "mknod of any char");
-        assert_eq!(run(&p, Block, 8, 0, ACC_MKNOD), 1, "mknod of any block");
-        assert_eq!(run(&p, Block, 8, 0, ACC_READ), 0, "block read");
-        assert_eq!(run(&p, Char, 10, 200, RW), 0, "tun not listed");
-    }
-
-    #[test]
-    fn rules_apply_in_order_per_access() {
-        use DevKind::Char;
-        let rules = vec![
-            rule(true, None, None, None, ACC_ALL),
-            rule(false, Some(Char), Some(1), Some(5), ACC_WRITE),
-        ];
-        let p = program(&rules);
-        assert_eq!(run(&p, Char, 1, 5, ACC_READ), 1, "read is not denied");
-        assert_eq!(run(&p, Char, 1, 5, ACC_WRITE), 0);
-        assert_eq!(
-            run(&p, Char, 1, 5, RW),
-            0,
-            "read+write needs the denied write"
-        );
-        assert_eq!(run(&p, Char, 1, 3, RW), 1);
-        // Allow r only: a read-write open is not allowed by it.
-        let p = program(&[rule(true, Some(Char), Some(1), Some(3), ACC_READ)]);
-        assert_eq!(run(&p, Char, 1, 3, ACC_READ), 1);
-        assert_eq!(run(&p, Char, 1, 3, RW), 0);
-        assert_eq!(run(&p, DevKind::Block, 1, 3, ACC_READ), 0, "type checked");
-        // Accesses add up over rules; a later deny takes one back.
-        let p = program(&[
-            rule(true, Some(Char), Some(1), None, ACC_READ),
-            rule(true, Some(Char), None, Some(9), ACC_WRITE),
-            rule(false, Some(Char), Some(1), Some(9), ACC_READ),
-        ]);
-        assert_eq!(run(&p, Char, 1, 8, ACC_READ), 1);
-        assert_eq!(run(&p, Char, 1, 8, RW), 0);
-        assert_eq!(run(&p, Char, 1, 9, ACC_WRITE), 1);
-        assert_eq!(run(&p, Char, 1, 9, ACC_READ), 0);
-        // Empty list: nothing allowed.
-        assert_eq!(run(&program(&[]), Char, 1, 3, ACC_READ), 0);
-    }
-
-    #[test]
-    fn catch_all_starts_over() {
-        // Everything before the last rule for all devices and accesses is
-        // left out: it could not change the outcome.
-        let allow_null = rule(true, Some(DevKind::Char), Some(1), Some(3), ACC_ALL);
-        let deny_all = rule(false, None, None, None, ACC_ALL);
-        let p = program(&[allow_null.clone(), deny_all.clone()]);
-        assert_eq!(p, program(std::slice::from_ref(&deny_all)));
-        assert_eq!(run(&p, DevKind::Char, 1, 3, ACC_READ), 0);
-        let p = program(&[deny_all, allow_null]);
-        assert_eq!(run(&p, DevKind::Char, 1, 3, ACC_READ), 1);
-        assert_eq!(run(&p, DevKind::Char, 1, 5, ACC_READ), 0);
-    }
-
-    #[test]
-    fn encoding() {
-        let i = insn(LDX_W, 5, 1, 4, 0);
-        assert_eq!((i.regs & 0x0f, i.regs >> 4), (5, 1));
-        assert_eq!(std::mem::size_of::<BpfInsn>(), 8);
-        assert_eq!(std::mem::size_of::<ProgLoadAttr>(), 72);
-    }
-}
+mod tests;

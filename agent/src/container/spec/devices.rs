@@ -5,7 +5,9 @@ use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources, Spec
 
 use super::SpecError;
 use crate::container::config::DeviceConfig;
-use crate::container::devfilter::{DevKind, DevRule, ACC_MKNOD, ACC_READ, ACC_WRITE};
+use crate::container::devfilter::{
+    default_rules, DevKind, DevRule, ACC_MKNOD, ACC_READ, ACC_WRITE,
+};
 
 fn field(f: &str, msg: impl Into<String>) -> SpecError {
     SpecError::Field(f.to_string(), msg.into())
@@ -101,17 +103,22 @@ fn rule(i: usize, d: &LinuxDeviceCgroup) -> Result<DevRule, SpecError> {
 }
 
 /// `linux.resources.devices` as filter rules, in spec order (the last
-/// matching rule decides); `None` when the spec has none (no filter: the
-/// cgroup v2 default lets every device through).
+/// matching rule decides), followed by the runtime's default allow list
+/// (null, zero, tty, pts, mknod, ...: see [`default_rules`]) as runc
+/// appends it; `None` when the spec has none (no filter: the cgroup v2
+/// default lets every device through).
 pub fn device_rules(r: &LinuxResources) -> Result<Option<Vec<DevRule>>, SpecError> {
     match r.devices().as_deref() {
         None | Some([]) => Ok(None),
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, d)| rule(i, d))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
+        Some(list) => {
+            let mut rules = list
+                .iter()
+                .enumerate()
+                .map(|(i, d)| rule(i, d))
+                .collect::<Result<Vec<_>, _>>()?;
+            rules.extend(default_rules());
+            Ok(Some(rules))
+        }
     }
 }
 
@@ -171,6 +178,9 @@ mod tests {
         )
         .unwrap();
         let rules = device_rules(&r).unwrap().unwrap();
+        // The spec's rules, then the defaults after them.
+        assert_eq!(rules.len(), 4 + default_rules().len());
+        assert_eq!(rules[4..], default_rules()[..]);
         assert_eq!(
             rules[0],
             DevRule {
