@@ -218,8 +218,10 @@ fn cmdline_of(pid: u32) -> Vec<String> {
 /// Kill the helper of a running VM with the argument `needle` (or
 /// `needle=...`):
 /// the VM must end on its own with `Crashed("<role> exited ...")`, exit 2,
-/// and leave no QEMU, helper, socket or runtime dir behind.
-fn helper_death_ends_the_vm(needle: &str, role: &str, extra: &[&str]) {
+/// and leave no QEMU, helper, socket or runtime dir behind. With
+/// `qemu_hangs`, QEMU is SIGSTOPped first, so it ignores the `quit` the
+/// supervisor sends: it must be killed after the quit grace.
+fn helper_death_ends_the_vm(needle: &str, role: &str, extra: &[&str], qemu_hangs: bool) {
     let dir = tempfile::tempdir().unwrap();
     let a = artifacts();
     let mut child = ChildGuard::spawn(
@@ -269,9 +271,16 @@ fn helper_death_ends_the_vm(needle: &str, role: &str, extra: &[&str]) {
         .expect("QEMU's -qmp unix:DIR/qmp.sock");
     assert!(runtime_dir.is_dir(), "{}", runtime_dir.display());
 
+    let _qemu_guard = KillOnDrop(qemu);
+    if qemu_hangs {
+        // SAFETY: plain kill(2) of a process of this test's VM.
+        assert_eq!(unsafe { libc::kill(qemu as i32, libc::SIGSTOP) }, 0);
+    }
     // SAFETY: plain kill(2) of a process of this test's VM.
     assert_eq!(unsafe { libc::kill(helper as i32, libc::SIGKILL) }, 0);
-    let out = child.wait_exit(Duration::from_secs(60));
+    // A hung QEMU is killed 5 s (QUIT_GRACE) after the quit; it used to be
+    // waited for without end.
+    let out = child.wait_exit(Duration::from_secs(if qemu_hangs { 30 } else { 60 }));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "crash → exit 2: {stderr}");
     assert!(
@@ -291,11 +300,35 @@ fn helper_death_ends_the_vm(needle: &str, role: &str, extra: &[&str]) {
     );
 }
 
+/// SIGKILLs a test's QEMU if it is still there when the test ends (a
+/// failed test must not leave a stopped QEMU behind).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if cmdline_of(self.0)
+            .first()
+            .is_some_and(|w| w.contains("qemu-system"))
+        {
+            // SAFETY: plain kill(2) of this test's QEMU, checked just above.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// The vsock back-end dies under a running VM: the VM used to run on
 /// without vsock while wait() never returned.
 #[test]
 fn vsock_back_end_death_ends_the_vm() {
-    helper_death_ends_the_vm("vhost-user-vsock", "vsock back-end", &[]);
+    helper_death_ends_the_vm("vhost-user-vsock", "vsock back-end", &[], false);
+}
+
+/// The vsock back-end dies and QEMU hangs (stopped here), ignoring the
+/// `quit` the supervisor sends: only quits from stop requests used to be
+/// followed by SIGKILL, so the VM never ended and wait() never returned.
+#[test]
+fn qemu_hanging_in_quit_after_a_helper_death_is_killed() {
+    helper_death_ends_the_vm("vhost-user-vsock", "vsock back-end", &[], true);
 }
 
 /// Same for virtiofsd (one per shared dir).
@@ -307,7 +340,7 @@ fn virtiofsd_death_ends_the_vm() {
     }
     let share = tempfile::tempdir().unwrap();
     let arg = format!("share={}", share.path().display());
-    helper_death_ends_the_vm("--shared-dir", "virtiofsd", &["--share", &arg]);
+    helper_death_ends_the_vm("--shared-dir", "virtiofsd", &["--share", &arg], false);
 }
 
 /// Without `--hypervisor`, `vmpod vm run` picks the backend as the daemon's

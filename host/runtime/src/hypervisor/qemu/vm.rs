@@ -17,13 +17,16 @@ use crate::hypervisor::handle::SupervisedVm;
 use crate::hypervisor::process::{log_tail, terminate};
 use crate::hypervisor::{ExitReason, VmConfig};
 
-/// How long QEMU gets to exit after `quit` before SIGKILL.
+/// How long QEMU gets to exit after `quit` before SIGKILL, whoever asked
+/// for the quit (a stop request or the supervisor itself).
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// A helper that exits because QEMU is going away (it closed the vhost-user
 /// socket) is followed by QEMU's own exit within this long; a helper that
 /// dies while QEMU runs on is a failure of the VM.
 const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(50);
+/// Longest wait to hand QEMU a QMP command.
+const QMP_SEND_LIMIT: Duration = Duration::from_secs(1);
 
 /// A supervised helper process (vsock back-end, virtiofsd).
 pub(crate) struct Helper {
@@ -72,6 +75,7 @@ pub(crate) fn spawn(parts: Parts) -> QemuVm {
         helpers: parts.helpers,
         console: parts.console,
         stopping: None,
+        quit_sent: None,
         power_down: false,
         panic: None,
         shutdown_reason: None,
@@ -115,8 +119,12 @@ struct Supervisor {
     qmp: Option<Qmp>,
     helpers: Vec<Helper>,
     console: SerialConsole,
-    /// When we asked QEMU to quit (a stop request).
+    /// When a stop request asked QEMU to quit.
     stopping: Option<tokio::time::Instant>,
+    /// When we first sent `quit`, for any reason: QEMU is killed
+    /// [`QUIT_GRACE`] later if it has not exited (it can hang in quit, e.g.
+    /// right after a vhost-user back-end died).
+    quit_sent: Option<tokio::time::Instant>,
     power_down: bool,
     panic: Option<String>,
     shutdown_reason: Option<String>,
@@ -198,11 +206,17 @@ impl Supervisor {
 
     /// Ask QEMU to quit (QMP), remembering whether this was a stop request.
     async fn request_quit(&mut self, stop_request: bool) {
+        let now = tokio::time::Instant::now();
         if stop_request && self.stopping.is_none() {
-            self.stopping = Some(tokio::time::Instant::now());
+            self.stopping = Some(now);
         }
+        self.quit_sent.get_or_insert(now);
+        // A QEMU that stopped reading QMP must not stall the supervisor.
         let sent = match &mut self.qmp {
-            Some(q) => q.send("quit").await.is_ok(),
+            Some(q) => matches!(
+                tokio::time::timeout(QMP_SEND_LIMIT, q.send("quit")).await,
+                Ok(Ok(()))
+            ),
             None => false,
         };
         if !sent {
@@ -258,10 +272,12 @@ impl Supervisor {
         if let Some(why) = failed {
             self.on_helper_exit(why).await;
         }
-        if let Some(since) = self.stopping {
+        if let Some(since) = self.quit_sent {
             if since.elapsed() > QUIT_GRACE {
                 tracing::warn!("QEMU did not quit in {QUIT_GRACE:?}; killing it");
                 let _ = self.qemu.start_kill();
+                // Once: SIGKILL needs no repeating (a later quit re-arms).
+                self.quit_sent = None;
             }
         }
     }
