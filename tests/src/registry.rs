@@ -271,6 +271,9 @@ pub struct BearerProxy {
     task: tokio::task::JoinHandle<()>,
     /// Token requests seen (`(scope, service)` query strings).
     pub token_requests: Arc<Mutex<Vec<String>>>,
+    /// Every non-empty `Authorization` header received, on any request
+    /// (to prove which credentials reached this endpoint).
+    pub authorizations: Arc<Mutex<Vec<String>>>,
 }
 
 impl BearerProxy {
@@ -285,6 +288,7 @@ impl BearerProxy {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
         );
         let token_requests = Arc::new(Mutex::new(Vec::new()));
+        let authorizations = Arc::new(Mutex::new(Vec::new()));
         let st = Arc::new(ProxyState {
             backend: backend.to_string(),
             realm: format!("http://127.0.0.1:{port}/token"),
@@ -292,6 +296,7 @@ impl BearerProxy {
             refresh_token: refresh_token.clone(),
             basic,
             token_requests: token_requests.clone(),
+            authorizations: authorizations.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -310,6 +315,7 @@ impl BearerProxy {
             refresh_token,
             task,
             token_requests,
+            authorizations,
         })
     }
 
@@ -341,6 +347,7 @@ struct ProxyState {
     refresh_token: String,
     basic: String,
     token_requests: Arc<Mutex<Vec<String>>>,
+    authorizations: Arc<Mutex<Vec<String>>>,
 }
 
 impl ProxyState {
@@ -378,6 +385,9 @@ impl ProxyState {
                     .then(|| v.trim().to_string())
             })
             .unwrap_or_default();
+        if !authz.is_empty() {
+            self.authorizations.lock().unwrap().push(authz.clone());
+        }
 
         if target.starts_with("/token") && method == "POST" {
             // OAuth2 refresh-token grant, form-encoded.

@@ -14,6 +14,12 @@
 //! `FetchTokenWithOAuth`). `oci-client` only knows the GET flow with basic
 //! credentials, so this step is ours; the token then goes to it as
 //! `RegistryAuth::Bearer`.
+//!
+//! Only the origin registry gets here (mirrors are contacted anonymously,
+//! see [`crate::registry`]). The refresh token is never sent in the clear
+//! when the endpoint is HTTPS (an `http://` realm is refused), and no
+//! redirect is followed, so it goes to the realm the challenge names and
+//! nowhere else.
 
 use std::time::Duration;
 
@@ -69,6 +75,19 @@ pub(crate) fn bearer_challenge(header: &str) -> Result<Challenge, String> {
     })
 }
 
+/// May the refresh token be POSTed to `realm` of an endpoint reached over
+/// plain HTTP (`plain_http`) or HTTPS? Not to an `http://` realm when the
+/// endpoint is HTTPS: a challenge must not downgrade the token to
+/// cleartext.
+pub(crate) fn check_realm(realm: &str, plain_http: bool) -> Result<(), String> {
+    if !plain_http && !realm.starts_with("https://") {
+        return Err(format!(
+            "token realm {realm:?} is not HTTPS while the registry is; the identity token is not sent"
+        ));
+    }
+    Ok(())
+}
+
 /// Exchange `refresh_token` for an access token good for pulling
 /// `repository` from `ep`. `Ok(None)`: the endpoint wants no auth at all.
 pub(crate) async fn access_token(
@@ -87,6 +106,7 @@ pub(crate) async fn access_token(
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| transport("HTTP client", e))?;
     let scheme = if ep.plain_http { "http" } else { "https" };
@@ -106,6 +126,7 @@ pub(crate) async fn access_token(
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| unauthorized("401 from /v2/ without a WWW-Authenticate challenge".into()))?;
     let ch = bearer_challenge(header).map_err(unauthorized)?;
+    check_realm(&ch.realm, ep.plain_http).map_err(unauthorized)?;
     let scope = format!("repository:{repository}:pull");
     let mut form = vec![
         ("grant_type", "refresh_token"),
@@ -180,5 +201,14 @@ mod tests {
             .unwrap_err()
             .contains("realm"));
         assert!(bearer_challenge(r#"Bearer realm="file:///etc/passwd""#).is_err());
+    }
+
+    #[test]
+    fn no_cleartext_realm_for_an_https_endpoint() {
+        let e = check_realm("http://auth.example/token", false).unwrap_err();
+        assert!(e.contains("not HTTPS"), "{e}");
+        check_realm("https://auth.example/token", false).unwrap();
+        check_realm("http://127.0.0.1:9/token", true).unwrap();
+        check_realm("https://auth.example/token", true).unwrap();
     }
 }

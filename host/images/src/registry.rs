@@ -11,6 +11,11 @@
 //! mirror support
 //! (the original host goes along only as the `?ns=` query parameter; no
 //! connection is made to it).
+//!
+//! The request's credentials are for the registry the image is named after
+//! and go to it alone: mirrors are contacted anonymously (a mirror is some
+//! other party; it must not receive, or make us POST to a realm it names,
+//! the origin's password or identity token).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -175,9 +180,13 @@ pub fn registry_auth(auth: Option<&Auth>) -> Result<Creds> {
     Ok(Creds::Fixed(RegistryAuth::Anonymous))
 }
 
-/// The credentials to use at `ep`: fixed ones as they are; a refresh token
-/// exchanged there for an access token.
+/// The credentials to use at `ep`: none at a mirror (the request's
+/// credentials are the origin's); at the origin fixed ones as they are, a
+/// refresh token exchanged there for an access token.
 async fn creds_for(shown: &str, ep: &Endpoint, repo: &str, creds: &Creds) -> Result<RegistryAuth> {
+    if ep.mirror {
+        return Ok(RegistryAuth::Anonymous);
+    }
     match creds {
         Creds::Fixed(c) => Ok(c.clone()),
         Creds::Refresh(t) => Ok(

@@ -336,3 +336,79 @@ async fn a_blob_a_mirror_cannot_serve_comes_from_the_next_endpoint() {
     assert!(rec.layer_dirs[0].join("bin/busybox").is_file());
     assert_eq!(full.blob_gets(&img.layers[0].digest), busybox_before + 1);
 }
+
+/// The request's credentials are the origin's: a mirror that demands auth
+/// gets none of them (no basic credentials at its realm, no identity token
+/// POSTed to the realm it names), refuses the anonymous pull, and the pull
+/// falls back to the origin, which does get them.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrors_never_receive_the_origins_credentials() {
+    let Some(backend) = registry() else { return };
+    let img = image_with("creds-mirror", Compression::Gzip);
+    push(&backend, "team/app", "v1", &img).await;
+    // The mirror has the image, behind a bearer realm of its own.
+    let mirror = BearerProxy::start(&backend.addr(), "alice", "s3cret")
+        .await
+        .unwrap();
+
+    // Basic credentials, origin with htpasswd.
+    let origin = Registry::start_with_htpasswd("alice", "s3cret").unwrap();
+    push(&origin, "team/app", "v1", &img).await;
+    let pushes = origin.requests().len();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), mirrors(&origin.addr(), &[mirror.addr()], false));
+    let r = format!("{}/team/app:v1", origin.addr());
+    let rec = store.pull(&r, basic("alice", "s3cret")).await.unwrap();
+    assert_eq!(rec.id, img.config_digest);
+    let seen = mirror.authorizations.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|a| !a.starts_with("Basic")),
+        "the mirror got basic credentials: {seen:?}"
+    );
+    assert!(
+        !mirror.token_requests.lock().unwrap().is_empty(),
+        "the mirror was tried first (anonymously)"
+    );
+    assert!(
+        origin.requests()[pushes..]
+            .iter()
+            .any(|(m, p)| m == "GET" && p.contains("/team/app/manifests/")),
+        "fell back to the origin"
+    );
+
+    // An identity token: the origin is a bearer realm that takes it; the
+    // mirror's realm never sees a POST with it.
+    let origin2 = BearerProxy::start(&backend.addr(), "bob", "hunter2")
+        .await
+        .unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = open_with(
+        dir2.path(),
+        mirrors(&origin2.addr(), &[mirror.addr()], false),
+    );
+    let auth = Auth {
+        identity_token: origin2.refresh_token().to_string(),
+        ..Default::default()
+    };
+    let r2 = format!("{}/team/app:v1", origin2.addr());
+    store2.pull(&r2, Some(auth)).await.unwrap();
+    let mirror_tokens = mirror.token_requests.lock().unwrap().clone();
+    assert!(
+        mirror_tokens.iter().all(|q| !q.starts_with("POST")),
+        "identity token POSTed to the mirror's realm: {mirror_tokens:?}"
+    );
+    assert!(
+        origin2
+            .token_requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|q| q.starts_with("POST grant_type=refresh_token")),
+        "the origin exchanged it"
+    );
+    let seen = mirror.authorizations.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|a| !a.starts_with("Basic")),
+        "the mirror got credentials: {seen:?}"
+    );
+}
