@@ -480,6 +480,31 @@ fn update_applies_cpuset_and_unified_and_leaves_the_rest() {
             .await
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out).trim(), "0 / 50331648 / 67108864 / 30");
+        // What the kubelet sends on every update: a 0 limit per page size.
+        // The guest has no hugetlb controller; a limit of none is moot.
+        let res = serde_json::from_value(serde_json::json!({
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 0}],
+            "pids": {"limit": 31}
+        }))
+        .unwrap();
+        c.update_container(id, res).await.unwrap();
+        let (out, _, _) = c
+            .exec_sync(id, "show3", &show, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out).trim(), "0 / 50331648 / 67108864 / 31");
+        // A limit that would need it is refused by name.
+        let res = serde_json::from_value(serde_json::json!({
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 2097152}]
+        }))
+        .unwrap();
+        let e = c.update_container(id, res).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(vmpod_runtime::agent_client::Code::INVALID_ARGUMENT),
+            "{e}"
+        );
+        assert!(e.to_string().contains("hugepageLimits"), "{e}");
         // A value the kernel refuses is a clear error naming the file.
         let res = serde_json::from_value(serde_json::json!({"cpu": {"cpus": "7"}})).unwrap();
         let e = c.update_container(id, res).await.unwrap_err();

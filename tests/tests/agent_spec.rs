@@ -250,6 +250,14 @@ fn unsupported_fields_are_named_errors() {
             let d = c.guest_details().await.unwrap();
             assert!(!d.cgroups.contains(&format!("vmpod/{id}")), "{id}: {:?}", d.cgroups);
         }
+        // The kubelet's hugepage limits (0 for every page size) need no
+        // controller: they create and run.
+        let mut s = spec(&["echo", "no huge pages"]);
+        s["linux"]["resources"] = json!({"hugepageLimits": [
+            {"pageSize": "2MB", "limit": 0}, {"pageSize": "1GB", "limit": 0}
+        ]});
+        let (out, err, st) = run(c, "uf-huge0", &s).await;
+        assert_eq!((out.as_str(), st.exit_code), ("no huge pages\n", 0), "{err}");
         // Security labels the guest cannot apply are accepted and ignored.
         let mut s = spec(&["echo", "labelled"]);
         s["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");

@@ -157,6 +157,16 @@ impl Cgroup {
                 tracing::debug!(cgroup = %self.rel.display(), "no memory.swap.max: swap limit skipped");
                 continue;
             }
+            // Without the hugetlb controller no huge pages can be had: a
+            // limit that allows none or does not limit is moot there (a
+            // positive one is refused before, see `check_controllers`).
+            if file.starts_with("hugetlb.")
+                && (value == "0" || value == "max")
+                && !fs.root().join(&self.rel).join(file).exists()
+            {
+                tracing::debug!(cgroup = %self.rel.display(), file, "no hugetlb controller: limit skipped");
+                continue;
+            }
             fs.write(&self.rel, file, value)
                 .map_err(err(&self.rel, "write", file))?;
         }
@@ -275,6 +285,24 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(leaf.join("pids.max")).unwrap(),
             "10"
+        );
+        // Zero or no hugetlb limit without the controller: skipped.
+        cg.apply(
+            &fs,
+            &[
+                ("hugetlb.2MB.max".into(), "0".into()),
+                ("hugetlb.1GB.max".into(), "max".into()),
+            ],
+        )
+        .unwrap();
+        assert!(!leaf.join("hugetlb.2MB.max").exists());
+        // With it (the file exists), written.
+        std::fs::write(leaf.join("hugetlb.2MB.max"), "max").unwrap();
+        cg.apply(&fs, &[("hugetlb.2MB.max".into(), "0".into())])
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("hugetlb.2MB.max")).unwrap(),
+            "0"
         );
         cg.add_pid(&fs, 42).unwrap();
         assert_eq!(cg.try_pids(&fs).unwrap(), vec![42]);

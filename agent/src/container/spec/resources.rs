@@ -175,7 +175,11 @@ fn block_io_writes(b: &LinuxBlockIo) -> Result<Vec<(String, String)>, SpecError>
     Ok(w)
 }
 
-/// One `linux.resources.hugepageLimits` entry → `hugetlb.<size>.max`.
+/// One `linux.resources.hugepageLimits` entry → `hugetlb.<size>.max`: 0
+/// is a limit of 0 (no huge pages; the kubelet sends one for every page
+/// size), a negative limit `max`. Where the guest has no hugetlb
+/// controller, entries that limit nothing (0 or negative: no huge pages
+/// can be had there anyway) are skipped when the cgroup is written.
 fn hugepage_write(h: &LinuxHugepageLimit) -> Result<(String, String), SpecError> {
     let size = h.page_size();
     let f = format!("linux.resources.hugepageLimits[{size}]");
@@ -190,7 +194,11 @@ fn hugepage_write(h: &LinuxHugepageLimit) -> Result<(String, String), SpecError>
             "pageSize must be a number and KB, MB or GB (e.g. 2MB)",
         ));
     }
-    Ok((format!("hugetlb.{size}.max"), limit_value(h.limit())))
+    let v = match h.limit() {
+        0 => "0".to_string(),
+        l => limit_value(l),
+    };
+    Ok((format!("hugetlb.{size}.max"), v))
 }
 
 /// The cgroup controllers the spec's resources need, each with the OCI
@@ -201,7 +209,12 @@ pub fn required_controllers(r: &LinuxResources) -> Vec<(&'static str, String)> {
     if r.block_io().as_ref().is_some_and(writes_of) {
         need.push(("io", "linux.resources.blockIO".into()));
     }
-    if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
+    // Only a positive limit needs the controller: the kubelet sends a 0
+    // for every page size.
+    if r.hugepage_limits()
+        .as_ref()
+        .is_some_and(|h| h.iter().any(|h| h.limit() > 0))
+    {
         need.push(("hugetlb", "linux.resources.hugepageLimits".into()));
     }
     let mut keys: Vec<&String> = r.unified().iter().flat_map(|u| u.keys()).collect();
@@ -354,7 +367,8 @@ mod tests {
     #[test]
     fn hugepages() {
         let r: LinuxResources = serde_json::from_str(
-            r#"{"hugepageLimits":[{"pageSize":"2MB","limit":209715200},{"pageSize":"1GB","limit":-1}]}"#,
+            r#"{"hugepageLimits":[{"pageSize":"2MB","limit":209715200},{"pageSize":"1GB","limit":-1},
+                {"pageSize":"64KB","limit":0}]}"#,
         )
         .unwrap();
         assert_eq!(
@@ -362,6 +376,7 @@ mod tests {
             vec![
                 ("hugetlb.2MB.max".to_string(), "209715200".to_string()),
                 ("hugetlb.1GB.max".into(), "max".into()),
+                ("hugetlb.64KB.max".into(), "0".into()),
             ]
         );
         for bad in ["2M", "MB", "2/MB", "x2MB"] {
@@ -384,6 +399,13 @@ mod tests {
             e.contains("linux.resources.hugepageLimits") && e.contains("hugetlb"),
             "{e}"
         );
+        assert!(check_controllers(&r, "memory hugetlb").is_ok());
+        // What the kubelet sends for every page size: no controller needed.
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"hugepageLimits":[{"pageSize":"2MB","limit":0},{"pageSize":"1GB","limit":0}]}"#,
+        )
+        .unwrap();
+        assert!(check_controllers(&r, guest).is_ok());
         let r: LinuxResources = serde_json::from_str(r#"{"blockIO":{"weight":100}}"#).unwrap();
         let e = check_controllers(&r, guest).unwrap_err().to_string();
         assert!(
