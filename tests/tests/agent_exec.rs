@@ -528,11 +528,10 @@ fn signals_report_failures_and_reach_all_processes() {
         c.create_container(id, bytes(&spec(&["sleep", "999"])), "", None, false)
             .await
             .unwrap();
-        // Not running yet: nothing to signal.
-        for all in [false, true] {
-            let e = c.signal(id, "", 15, all).await.unwrap_err();
-            assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
-        }
+        // Not running yet: no single process to signal (`all` kills a
+        // created container: see kill_all_reaches_created_and_stopped_containers).
+        let e = c.signal(id, "", 15, false).await.unwrap_err();
+        assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
         c.start_container(id).await.unwrap();
         for all in [false, true] {
             let e = c.signal(id, "no-such-exec", 15, all).await.unwrap_err();
@@ -598,13 +597,93 @@ fn signals_report_failures_and_reach_all_processes() {
             assert!(t.elapsed() < Duration::from_secs(20), "{procs}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // KILL to all: the container stops; then it is not running.
+        // KILL to all: the container stops; then its init alone cannot be
+        // signalled, while `all` still reaches its (empty) cgroup.
         c.signal(id, "", 9, true).await.unwrap();
         let st = c.wait(id, "").await.unwrap();
         assert_eq!(st.signal, 9, "{st:?}");
-        let e = c.signal(id, "", 9, true).await.unwrap_err();
+        let e = c.signal(id, "", 9, false).await.unwrap_err();
         assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
+        c.signal(id, "", 9, true).await.unwrap();
         c.remove_container(id).await.unwrap();
+    });
+}
+
+#[test]
+fn kill_all_reaches_created_and_stopped_containers() {
+    use vmpod_runtime::agent_client::Code::FAILED_PRECONDITION;
+    let f = fixture();
+    let c = &f.client;
+    f.rt.block_on(async {
+        // A created container (its pod deleted during start): kill --all
+        // kills its staged init, and its wait reports the signal.
+        let id = "kill-created";
+        c.create_container(id, bytes(&spec(&["sleep", "999"])), "", None, false)
+            .await
+            .unwrap();
+        c.signal(id, "", 9, true).await.unwrap();
+        let st = tokio::time::timeout(Duration::from_secs(20), c.wait(id, ""))
+            .await
+            .expect("created container's init not killed")
+            .unwrap();
+        assert_eq!(st.signal, 9, "{st:?}");
+        c.remove_container(id).await.unwrap();
+
+        // A pod's shared PID namespace: the joiner's init is not PID 1, so
+        // its background children outlive it, in its cgroup.
+        let owner = "kill-owner";
+        let owner_pid = c
+            .create_container(owner, bytes(&spec(&["sleep", "1000"])), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(owner).await.unwrap();
+        let joiner = "kill-joiner";
+        let mut s = spec(&["sh", "-c", "sleep 555 & sleep 556 & echo started"]);
+        s["linux"]["namespaces"] = serde_json::json!([
+            {"type": "pid", "path": format!("/proc/{owner_pid}/ns/pid")},
+            {"type": "mount"}
+        ]);
+        c.create_container(joiner, bytes(&s), "", None, false)
+            .await
+            .unwrap();
+        c.start_container(joiner).await.unwrap();
+        assert_eq!(c.wait(joiner, "").await.unwrap().exit_code, 0);
+        let mut n = 0;
+        let mut ps = || {
+            n += 1;
+            let exec_id = format!("ps{n}");
+            async move {
+                let e = ExecSpec {
+                    args: vec!["ps".into(), "-o".into(), "stat,args".into()],
+                    ..Default::default()
+                };
+                let (out, _, _) = c
+                    .exec_sync(owner, &exec_id, &e, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        };
+        let procs = ps().await;
+        assert!(procs.contains("sleep 555") && procs.contains("sleep 556"), "{procs}");
+        // The stopped init alone: refused.
+        let e = c.signal(joiner, "", 15, false).await.unwrap_err();
+        assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");
+        // TERM to all, then KILL to all: the leftovers die.
+        c.signal(joiner, "", 15, true).await.unwrap();
+        let t = Instant::now();
+        loop {
+            let procs = ps().await;
+            if !procs.contains("sleep 55") {
+                assert!(procs.contains("sleep 1000"), "the owner lives: {procs}");
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{procs}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        c.signal(joiner, "", 9, true).await.unwrap();
+        c.remove_container(joiner).await.unwrap();
+        c.remove_container(owner).await.unwrap();
     });
 }
 

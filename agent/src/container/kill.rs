@@ -1,9 +1,14 @@
 //! Signal a container's init, an exec, or all of their processes.
 //!
-//! - init (`exec_id` empty): the container must be running (a created
-//!   container's process is still the agent's set-up, a stopped one has
-//!   none); `all` reaches every process in its cgroup (`cgroup.kill` for
-//!   SIGKILL).
+//! - init (`exec_id` empty), one process: the container must be running
+//!   (a created container's process is still the agent's set-up, a
+//!   stopped one has none).
+//! - init with `all`: every process in the container's cgroup
+//!   (`cgroup.kill` for SIGKILL), whatever the container's state: a
+//!   stopped init may leave children behind in a pod's shared PID
+//!   namespace (containerd kills them with `kill --all`), and a created
+//!   container is killed so when its pod goes away during start (its
+//!   staged init dies too, and its wait reports the signal).
 //! - an exec: it must not have exited; `all` reaches its process group
 //!   (stage 2 makes each process a session and group leader, so that is
 //!   the exec and the children it did not move elsewhere).
@@ -34,7 +39,7 @@ pub fn signal(agent: &Arc<Agent>, id: &str, exec_id: &str, sig: u32, all: bool) 
         format!("exec {exec_id:?} of container {id:?}")
     };
     let gone = || AgentError::FailedPrecondition(format!("{what} is not running"));
-    if exec_id.is_empty() {
+    if exec_id.is_empty() && !all {
         let status = c.status();
         if status != Status::Running {
             return Err(AgentError::FailedPrecondition(format!(
@@ -42,7 +47,7 @@ pub fn signal(agent: &Arc<Agent>, id: &str, exec_id: &str, sig: u32, all: bool) 
                 status.as_str()
             )));
         }
-    } else if p.exit_info().is_some() {
+    } else if !exec_id.is_empty() && p.exit_info().is_some() {
         return Err(AgentError::FailedPrecondition(format!(
             "{what} has already exited"
         )));
