@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::devfilter::{self, BpfInsn, DevRule};
+use crate::error::AgentError;
 
 /// Controllers enabled for the pod parent and its leaves (those missing in
 /// the guest kernel are skipped).
@@ -67,6 +68,34 @@ pub enum CgroupError {
     },
     #[error("cgroup {0} still has processes after kill")]
     Busy(String),
+    #[error("cgroup {path}: no interface file {file:?} (unknown, or its controller is missing)")]
+    NoFile { path: String, file: String },
+}
+
+impl CgroupError {
+    /// The RPC error for a failed create or update of `what`, by errno:
+    /// a value or file the kernel refuses is the caller's
+    /// (`InvalidArgument`), a cgroup gone `NotFound`, a busy one
+    /// `FailedPrecondition`; the device filter failing to load or attach
+    /// and any other errno are the agent's (`Internal`).
+    pub fn to_agent(&self, what: &str) -> AgentError {
+        let msg = format!("{what}: {self}");
+        match self {
+            CgroupError::NoFile { .. } => AgentError::InvalidArgument(msg),
+            CgroupError::Busy(_) => AgentError::FailedPrecondition(msg),
+            CgroupError::Io { op: "attach", .. } => AgentError::Internal(msg),
+            CgroupError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOENT) => AgentError::NotFound(msg),
+                Some(libc::EBUSY) => AgentError::FailedPrecondition(msg),
+                // The kernel's own check of a value (a CPU the guest
+                // lacks, a number out of range).
+                Some(libc::EINVAL | libc::ERANGE | libc::EOVERFLOW) => {
+                    AgentError::InvalidArgument(msg)
+                }
+                _ => AgentError::Internal(msg),
+            },
+        }
+    }
 }
 
 fn err(rel: &Path, op: &'static str, file: &str) -> impl FnOnce(io::Error) -> CgroupError {
@@ -167,8 +196,18 @@ impl Cgroup {
                 tracing::debug!(cgroup = %self.rel.display(), file, "no hugetlb controller: limit skipped");
                 continue;
             }
-            fs.write(&self.rel, file, value)
-                .map_err(err(&self.rel, "write", file))?;
+            if let Err(e) = fs.write(&self.rel, file, value) {
+                // cgroupfs cannot create files: writing one it lacks fails
+                // with EACCES; say what is wrong instead.
+                let leaf = fs.root().join(&self.rel);
+                if leaf.is_dir() && !leaf.join(file).exists() {
+                    return Err(CgroupError::NoFile {
+                        path: self.rel.display().to_string(),
+                        file: file.clone(),
+                    });
+                }
+                return Err(err(&self.rel, "write", file)(e));
+            }
         }
         Ok(())
     }
@@ -384,6 +423,66 @@ mod tests {
         // and a create that succeeds keeps it
         cg.create(&fs, &writes[..1], None).unwrap();
         assert!(fs.root().join("vmpod/c1").is_dir());
+    }
+
+    #[test]
+    fn errors_map_to_codes_by_errno() {
+        let io = |op: &'static str, errno: i32| CgroupError::Io {
+            path: "vmpod/c1".into(),
+            op,
+            file: "cpuset.cpus".into(),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        let code = |e: CgroupError| e.to_agent("container \"c1\"").code();
+        use ttrpc::Code;
+        assert_eq!(code(io("write", libc::ENOENT)), Code::NOT_FOUND);
+        assert_eq!(code(io("write", libc::EBUSY)), Code::FAILED_PRECONDITION);
+        assert_eq!(code(io("write", libc::EINVAL)), Code::INVALID_ARGUMENT);
+        assert_eq!(code(io("write", libc::ERANGE)), Code::INVALID_ARGUMENT);
+        assert_eq!(code(io("write", libc::EIO)), Code::INTERNAL);
+        assert_eq!(code(io("write", libc::EPERM)), Code::INTERNAL);
+        assert_eq!(code(io("mkdir", libc::ENOMEM)), Code::INTERNAL);
+        // A device filter that does not load or attach: whatever the errno.
+        assert_eq!(code(io("attach", libc::EINVAL)), Code::INTERNAL);
+        assert_eq!(code(io("attach", libc::EPERM)), Code::INTERNAL);
+        assert_eq!(
+            code(CgroupError::Busy("vmpod/c1".into())),
+            Code::FAILED_PRECONDITION
+        );
+        let e = io("write", libc::ENOENT).to_agent("container \"c1\"");
+        assert!(
+            e.to_string()
+                .starts_with("container \"c1\": cgroup vmpod/c1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_file_is_named() {
+        // The real cgroupfs refuses to create a file (EACCES).
+        struct NoCreate(tempfile::TempDir);
+        impl CgroupFs for NoCreate {
+            fn root(&self) -> &Path {
+                self.0.path()
+            }
+            fn write(&self, _rel: &Path, _file: &str, _value: &str) -> io::Result<()> {
+                Err(io::Error::from_raw_os_error(libc::EACCES))
+            }
+        }
+        let fs = NoCreate(tempfile::tempdir().unwrap());
+        std::fs::create_dir_all(fs.root().join("vmpod/c1")).unwrap();
+        let cg = Cgroup::for_container("c1");
+        let e = cg
+            .apply(&fs, &[("memory.bogus".into(), "1".into())])
+            .unwrap_err();
+        assert!(matches!(e, CgroupError::NoFile { .. }), "{e}");
+        assert_eq!(e.to_agent("c1").code(), ttrpc::Code::INVALID_ARGUMENT);
+        // An existing file the kernel refuses keeps the errno.
+        std::fs::write(fs.root().join("vmpod/c1/pids.max"), "max").unwrap();
+        let e = cg
+            .apply(&fs, &[("pids.max".into(), "1".into())])
+            .unwrap_err();
+        assert_eq!(e.to_agent("c1").code(), ttrpc::Code::INTERNAL);
     }
 
     #[test]

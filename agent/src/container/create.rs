@@ -82,7 +82,7 @@ fn create_blocking(agent: &Arc<Agent>, req: CreateRequest) -> Result<Arc<Contain
     let cgfs = agent.cgroups.as_ref();
     cgroup
         .create(cgfs, &writes, devices.as_deref())
-        .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}: {e}")))?;
+        .map_err(|e| e.to_agent(&format!("container {id:?}")))?;
     let init_process = stage.process.clone();
     let pid_ns = match &ns.pid_path {
         Some(p) => match std::fs::File::open(p) {

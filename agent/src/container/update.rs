@@ -34,9 +34,14 @@ pub fn update(agent: &Arc<Agent>, id: &str, resources_json: &[u8]) -> Result<()>
     if let Some(available) = leaf_controllers(fs) {
         spec::check_controllers(&r, &available).map_err(|e| bad(&e))?;
     }
-    c.cgroup.apply(fs, &writes).map_err(|e| bad(&e))?;
+    // Validated above: what fails from here on is the kernel's answer,
+    // mapped by errno.
+    let what = format!("container {id:?}");
+    c.cgroup.apply(fs, &writes).map_err(|e| e.to_agent(&what))?;
     if let Some(rules) = devices {
-        c.cgroup.set_devices(fs, &rules).map_err(|e| bad(&e))?;
+        c.cgroup
+            .set_devices(fs, &rules)
+            .map_err(|e| e.to_agent(&what))?;
     }
     Ok(())
 }
