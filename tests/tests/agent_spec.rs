@@ -320,13 +320,20 @@ fn mount_destinations_cannot_leave_the_rootfs() {
 
         // Nothing was created in the guest's own /run (seen through a
         // read-only bind of it).
-        let mut s = spec(&["sh", "-c", "echo \"run: $(ls -a /guest-run | tr '\\n' ' ')\""]);
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "echo \"run: $(ls -a /guest-run | tr '\\n' ' ')\"; \
+             echo \"ro: $( (touch /guest-run/ro-probe) 2>&1)\"",
+        ]);
         s["mounts"] = json!([{"destination": "/guest-run", "type": "bind", "source": "/run", "options": ["rbind", "ro"]}]);
         let (out, err, st) = run(c, "esc-check", &s).await;
         assert_eq!(st.exit_code, 0, "{out}\n{err}");
         let run_dir = line(&out, "run");
         assert!(run_dir.starts_with(". .."), "{out}");
         assert!(!run_dir.contains("vmpod-escape"), "created in the guest's /run: {out}");
+        // The ro flag is set on the bind before it is attached.
+        assert_eq!(line(&out, "ro"), "touch: /guest-run/ro-probe: Read-only file system", "{out}");
 
         let (_, err, st) = run(
             c,

@@ -142,58 +142,170 @@ fn do_mount(root: &File, m: &MountConfig) -> StageResult<()> {
             Create::File
         };
         let dest = resolve(root, &m.destination, create)?;
-        mount(
-            Some(src),
-            fd_path(&dest).as_str(),
-            None::<&str>,
-            MsFlags::MS_BIND | (flags & MsFlags::MS_REC),
-            None::<&str>,
-        )
-        .ctx(|| format!("bind {} on {}", m.source, m.destination))?;
-    } else {
-        let dest = resolve(root, &m.destination, Create::Dir)?;
-        let fstype = if m.fstype == "cgroup" {
-            "cgroup2"
-        } else {
-            m.fstype.as_str()
-        };
-        let data = (!m.data.is_empty()).then_some(m.data.as_str());
-        mount(
-            Some(m.source.as_str()),
-            fd_path(&dest).as_str(),
-            Some(fstype),
-            flags,
-            data,
-        )
-        .ctx(|| format!("mount {fstype} on {}", m.destination))?;
+        // A detached copy of the source gets its flags and is then moved
+        // onto the resolved destination's descriptor: nothing is looked up
+        // by name after the destination was resolved, so a rename in a
+        // shared volume cannot redirect the read-only remount.
+        let tree = bind_tree(src, flags.contains(MsFlags::MS_REC))
+            .ctx(|| format!("open_tree {}", m.source))?;
+        set_attrs(&tree, extra, 0).ctx(|| format!("set {extra:?} on bind of {}", m.destination))?;
+        attach(&tree, &dest).ctx(|| format!("bind {} on {}", m.source, m.destination))?;
+        if m.propagation != 0 {
+            // The descriptor now names the attached mount itself.
+            set_attrs(&tree, MsFlags::empty(), m.propagation)
+                .ctx(|| format!("propagation of {}", m.destination))?;
+        }
+        return Ok(());
     }
-    if (bind && !extra.is_empty()) || m.propagation != 0 {
+    let dest = resolve(root, &m.destination, Create::Dir)?;
+    let fstype = if m.fstype == "cgroup" {
+        "cgroup2"
+    } else {
+        m.fstype.as_str()
+    };
+    let data = (!m.data.is_empty()).then_some(m.data.as_str());
+    mount(
+        Some(m.source.as_str()),
+        fd_path(&dest).as_str(),
+        Some(fstype),
+        flags,
+        data,
+    )
+    .ctx(|| format!("mount {fstype} on {}", m.destination))?;
+    if m.propagation != 0 {
         // The descriptor above is of the directory under the new mount:
         // look again to get the mount itself.
         let top = resolve(root, &m.destination, Create::Nothing)?;
-        let target = fd_path(&top);
-        if bind && !extra.is_empty() {
-            mount(
-                None::<&str>,
-                target.as_str(),
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                None::<&str>,
-            )
-            .ctx(|| format!("remount {} with {extra:?}", m.destination))?;
-        }
-        if m.propagation != 0 {
-            mount(
-                None::<&str>,
-                target.as_str(),
-                None::<&str>,
-                MsFlags::from_bits_truncate(m.propagation),
-                None::<&str>,
-            )
-            .ctx(|| format!("propagation of {}", m.destination))?;
-        }
+        mount(
+            None::<&str>,
+            fd_path(&top).as_str(),
+            None::<&str>,
+            MsFlags::from_bits_truncate(m.propagation),
+            None::<&str>,
+        )
+        .ctx(|| format!("propagation of {}", m.destination))?;
     }
     Ok(())
+}
+
+// The new mount API (Linux 5.12 for mount_setattr; the guest runs 6.1).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR_ATIME: u64 = 0x70;
+const MOUNT_ATTR_RELATIME: u64 = 0x0;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+/// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0).
+#[repr(C)]
+#[derive(Debug, Default, PartialEq, Eq)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn sys(r: libc::c_long) -> std::io::Result<libc::c_long> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A detached copy of the mount at `src` (and those below it if `rec`).
+fn bind_tree(src: &Path, rec: bool) -> std::io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(src.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    if rec {
+        flags |= AT_RECURSIVE;
+    }
+    // SAFETY: c is a NUL-terminated path that outlives the call.
+    let fd = sys(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The `mount_setattr` argument for the per-mount `MS_*` flags in
+/// `flags` (others — sync, dirsync, ... — are the filesystem's, which a
+/// bind cannot change) and `propagation` (`MS_SHARED`, ..., with
+/// `MS_REC` for all mounts below too).
+fn mount_attr(flags: MsFlags, propagation: u64) -> (MountAttr, bool) {
+    let mut a = MountAttr::default();
+    for (ms, attr) in [
+        (MsFlags::MS_RDONLY, MOUNT_ATTR_RDONLY),
+        (MsFlags::MS_NOSUID, MOUNT_ATTR_NOSUID),
+        (MsFlags::MS_NODEV, MOUNT_ATTR_NODEV),
+        (MsFlags::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+        (MsFlags::MS_NODIRATIME, MOUNT_ATTR_NODIRATIME),
+    ] {
+        if flags.contains(ms) {
+            a.attr_set |= attr;
+        }
+    }
+    for (ms, attr) in [
+        (MsFlags::MS_NOATIME, MOUNT_ATTR_NOATIME),
+        (MsFlags::MS_STRICTATIME, MOUNT_ATTR_STRICTATIME),
+        (MsFlags::MS_RELATIME, MOUNT_ATTR_RELATIME),
+    ] {
+        if flags.contains(ms) {
+            a.attr_clr |= MOUNT_ATTR_ATIME;
+            a.attr_set |= attr;
+        }
+    }
+    let p = MsFlags::from_bits_truncate(propagation);
+    a.propagation = (p - MsFlags::MS_REC).bits();
+    (a, p.contains(MsFlags::MS_REC))
+}
+
+/// Set `flags` and `propagation` on the mount `tree` names.
+fn set_attrs(tree: &OwnedFd, flags: MsFlags, propagation: u64) -> std::io::Result<()> {
+    let (attr, rec) = mount_attr(flags, propagation);
+    if attr == MountAttr::default() {
+        return Ok(());
+    }
+    let mut at = libc::AT_EMPTY_PATH as libc::c_uint;
+    if rec {
+        at |= AT_RECURSIVE;
+    }
+    // SAFETY: attr is a live struct mount_attr of the size passed; the
+    // path is an empty C string.
+    sys(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            at,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Attach the detached `tree` on the resolved destination `dest`.
+fn attach(tree: &OwnedFd, dest: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: both descriptors are live; the paths are empty C strings.
+    sys(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            dest.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    })
+    .map(drop)
 }
 
 /// /dev is a fresh tmpfs: bind the guest's basic device nodes (those the
@@ -330,4 +442,30 @@ fn readonly(p: &str) -> StageResult<()> {
         None::<&str>,
     )
     .ctx(|| format!("remount {p} read-only"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_flags_become_mount_attrs() {
+        let (a, rec) = mount_attr(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID, 0);
+        assert_eq!(
+            (a.attr_set, a.attr_clr, a.propagation, rec),
+            (MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, false)
+        );
+        // atime modes replace each other: the whole field is cleared.
+        let (a, _) = mount_attr(MsFlags::MS_NOATIME | MsFlags::MS_NODEV, 0);
+        assert_eq!(a.attr_set, MOUNT_ATTR_NOATIME | MOUNT_ATTR_NODEV);
+        assert_eq!(a.attr_clr, MOUNT_ATTR_ATIME);
+        // Filesystem flags a bind cannot change set nothing.
+        let (a, _) = mount_attr(MsFlags::MS_SYNCHRONOUS | MsFlags::MS_DIRSYNC, 0);
+        assert_eq!(a, MountAttr::default());
+        // Propagation, recursive for the r- forms.
+        let p = (MsFlags::MS_REC | MsFlags::MS_SLAVE).bits();
+        let (a, rec) = mount_attr(MsFlags::empty(), p);
+        assert_eq!((a.propagation, rec), (MsFlags::MS_SLAVE.bits(), true));
+        assert_eq!(std::mem::size_of::<MountAttr>(), 32);
+    }
 }
