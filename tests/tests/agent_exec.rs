@@ -665,7 +665,10 @@ fn kill_all_reaches_created_and_stopped_containers() {
             }
         };
         let procs = ps().await;
-        assert!(procs.contains("sleep 555") && procs.contains("sleep 556"), "{procs}");
+        assert!(
+            procs.contains("sleep 555") && procs.contains("sleep 556"),
+            "{procs}"
+        );
         // The stopped init alone: refused.
         let e = c.signal(joiner, "", 15, false).await.unwrap_err();
         assert_eq!(e.code(), Some(FAILED_PRECONDITION), "{e}");

@@ -130,7 +130,10 @@ fn device_cgroup_list_is_enforced() {
             assert_eq!(line(&out, dev), "ok", "{dev}: {out}");
         }
         let tty = line(&out, "tty");
-        assert!(tty == "ok" || tty.ends_with("No such device or address"), "{out}");
+        assert!(
+            tty == "ok" || tty.ends_with("No such device or address"),
+            "{out}"
+        );
         for dev in ["kmsg_r", "kmsg_rw", "mem"] {
             assert!(line(&out, dev).ends_with(denied), "{dev}: {out}");
         }
