@@ -9,13 +9,16 @@
 //! the file: [`ConsoleLog`] hands finished chunks to a bounded channel and
 //! a dedicated thread writes them. A slow or stalled disk then stalls only
 //! that thread; the socket is still read and every line still classified
-//! (panic and power-down detection keep working). Chunks that find the
-//! channel full are dropped and the log says how many bytes were lost.
+//! (panic and power-down detection keep working). Chunks that would take
+//! the queue past [`WRITER_QUEUE_BYTES`] are dropped and the log says how
+//! many bytes were lost.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -27,9 +30,10 @@ use crate::hypervisor::console::{ConsoleEvent, ConsoleLog};
 use crate::hypervisor::process::log_tail;
 use crate::hypervisor::{HypervisorError, Result};
 
-/// Chunks (each at most a socket read plus a partial line, ~24 KiB) that
-/// may wait for the log writer thread.
-const WRITER_QUEUE: usize = 128;
+/// Bytes that may wait for the log writer thread. Generous, so a flood
+/// on a busy host is written whole; only a log file that stalls for real
+/// makes output drop.
+const WRITER_QUEUE_BYTES: usize = 4 << 20;
 
 /// How long the output left in the socket may take to read once QEMU exited.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
@@ -72,7 +76,10 @@ impl SerialListener {
 /// The [`ConsoleLog`]'s writer: queues chunks for the log thread without
 /// ever blocking; drops them (counted) when the thread falls behind.
 struct QueuedWriter {
-    tx: SyncSender<Vec<u8>>,
+    tx: Sender<Vec<u8>>,
+    /// Bytes sent and not yet written by the thread.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     /// Bytes dropped since the last chunk that got through.
     dropped: u64,
 }
@@ -96,13 +103,15 @@ impl Write for QueuedWriter {
         } else {
             buf.to_vec()
         };
-        match self.tx.try_send(chunk) {
-            Ok(()) => self.dropped = 0,
-            Err(TrySendError::Full(_)) => self.dropped += buf.len() as u64,
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(std::io::Error::other("console log writer thread ended"))
-            }
+        if self.queued.load(Ordering::SeqCst) + chunk.len() > self.max_queued {
+            self.dropped += buf.len() as u64;
+            return Ok(buf.len());
         }
+        self.queued.fetch_add(chunk.len(), Ordering::SeqCst);
+        if self.tx.send(chunk).is_err() {
+            return Err(std::io::Error::other("console log writer thread ended"));
+        }
+        self.dropped = 0;
         Ok(buf.len())
     }
 
@@ -114,13 +123,18 @@ impl Write for QueuedWriter {
 impl Drop for QueuedWriter {
     fn drop(&mut self) {
         if self.dropped > 0 {
-            let _ = self.tx.try_send(Self::notice(self.dropped));
+            let _ = self.tx.send(Self::notice(self.dropped));
         }
     }
 }
 
 /// The log thread: write every chunk, until the sender is gone.
-fn write_log(mut file: File, rx: Receiver<Vec<u8>>, done: oneshot::Sender<()>) {
+fn write_log(
+    mut file: File,
+    rx: Receiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    done: oneshot::Sender<()>,
+) {
     let mut failed = false;
     for chunk in rx {
         if let Err(e) = file.write_all(&chunk) {
@@ -130,6 +144,8 @@ fn write_log(mut file: File, rx: Receiver<Vec<u8>>, done: oneshot::Sender<()>) {
                 failed = true;
             }
         }
+        // Counted until written: a chunk stuck in a stalled write counts.
+        queued.fetch_sub(chunk.len(), Ordering::SeqCst);
     }
     let _ = done.send(());
 }
@@ -152,15 +168,25 @@ impl SerialConsole {
             .append(true)
             .open(console_log)
             .map_err(HypervisorError::io("opening the console log"))?;
-        let (tx, rx) = sync_channel(WRITER_QUEUE);
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let in_thread = queued.clone();
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("vmpod-console-log".into())
-            .spawn(move || write_log(file, rx, done_tx))
+            .spawn(move || write_log(file, rx, in_thread, done_tx))
             .map_err(HypervisorError::io("starting the console log thread"))?;
         Ok(SerialConsole {
             stream: Some(stream),
-            log: Some(ConsoleLog::new(QueuedWriter { tx, dropped: 0 }, max)),
+            log: Some(ConsoleLog::new(
+                QueuedWriter {
+                    tx,
+                    queued,
+                    max_queued: WRITER_QUEUE_BYTES,
+                    dropped: 0,
+                },
+                max,
+            )),
             log_done: Some(done_rx),
             buf: vec![0u8; 16 * 1024],
         })
@@ -305,16 +331,23 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
     }
 
-    /// Chunks that find the queue full are dropped, and the next one that
-    /// gets through says how much was lost.
+    /// Chunks that would overfill the queue are dropped, and the next one
+    /// that gets through says how much was lost.
     #[test]
     fn dropped_output_is_reported_in_the_log() {
-        let (tx, rx) = sync_channel(1);
-        let mut w = QueuedWriter { tx, dropped: 0 };
-        w.write_all(b"first\n").unwrap();
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut w = QueuedWriter {
+            tx,
+            queued: queued.clone(),
+            max_queued: 100,
+            dropped: 0,
+        };
+        w.write_all(&[b'a'; 96]).unwrap();
         w.write_all(b"lost\n").unwrap();
         w.write_all(b"lost too\n").unwrap();
-        assert_eq!(rx.recv().unwrap(), b"first\n");
+        assert_eq!(rx.recv().unwrap(), [b'a'; 96]);
+        queued.fetch_sub(96, Ordering::SeqCst); // what the log thread does
         w.write_all(b"after\n").unwrap();
         let got = String::from_utf8(rx.recv().unwrap()).unwrap();
         assert!(got.contains("14 bytes of console output dropped"), "{got}");
