@@ -205,3 +205,22 @@ pub async fn run(
         st,
     )
 }
+
+/// Run `args` in container `id` (CRI ExecSync, 30 s) and return its
+/// stdout; each call gets an exec id of its own.
+pub async fn exec_stdout(c: &AgentClient, id: &str, args: &[&str]) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let exec_id = format!(
+        "probe-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let e = vmpod_runtime::agent_client::ExecSpec {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    let (out, _, _) = c
+        .exec_sync(id, &exec_id, &e, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}

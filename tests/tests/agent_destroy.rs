@@ -139,20 +139,7 @@ fn flood(name: &str) -> String {
 /// Chunks the floods of container `id` finished, seen from an exec (same
 /// mount namespace, so the same /dev/shm).
 async fn chunks_written(c: &AgentClient, id: &str) -> String {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let exec_id = format!(
-        "count-{}",
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let e = ExecSpec {
-        args: vec!["sh".into(), "-c".into(), "cat /dev/shm/*; true".into()],
-        ..Default::default()
-    };
-    let (out, _, _) = c
-        .exec_sync(id, &exec_id, &e, Duration::from_secs(30))
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    agent_vm::exec_stdout(c, id, &["sh", "-c", "cat /dev/shm/*; true"]).await
 }
 
 #[test]

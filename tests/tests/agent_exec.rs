@@ -537,22 +537,7 @@ fn signals_report_failures_and_reach_all_processes() {
             let e = c.signal(id, "no-such-exec", 15, all).await.unwrap_err();
             assert_eq!(e.code(), Some(NOT_FOUND), "{e}");
         }
-        let mut n = 0;
-        let mut ps = || {
-            n += 1;
-            let exec_id = format!("ps{n}");
-            async move {
-                let e = ExecSpec {
-                    args: vec!["ps".into(), "-o".into(), "args".into()],
-                    ..Default::default()
-                };
-                let (out, _, _) = c
-                    .exec_sync(id, &exec_id, &e, Duration::from_secs(30))
-                    .await
-                    .unwrap();
-                String::from_utf8_lossy(&out).into_owned()
-            }
-        };
+        let ps = || agent_vm::exec_stdout(c, id, &["ps", "-o", "args"]);
         // An exec with a child in its process group.
         let group = |secs: &str| ExecSpec {
             args: vec![
@@ -648,22 +633,7 @@ fn kill_all_reaches_created_and_stopped_containers() {
             .unwrap();
         c.start_container(joiner).await.unwrap();
         assert_eq!(c.wait(joiner, "").await.unwrap().exit_code, 0);
-        let mut n = 0;
-        let mut ps = || {
-            n += 1;
-            let exec_id = format!("ps{n}");
-            async move {
-                let e = ExecSpec {
-                    args: vec!["ps".into(), "-o".into(), "stat,args".into()],
-                    ..Default::default()
-                };
-                let (out, _, _) = c
-                    .exec_sync(owner, &exec_id, &e, Duration::from_secs(30))
-                    .await
-                    .unwrap();
-                String::from_utf8_lossy(&out).into_owned()
-            }
-        };
+        let ps = || agent_vm::exec_stdout(c, owner, &["ps", "-o", "stat,args"]);
         let procs = ps().await;
         assert!(
             procs.contains("sleep 555") && procs.contains("sleep 556"),
