@@ -15,8 +15,15 @@
 # with -j$(nproc). Nothing is rebuilt when the fragment, the patches and the
 # source package version are unchanged.
 #
+# Disk: only what an x86_64 microVM build can reach is unpacked (other
+# architectures, the rst/yaml documentation and the C sources of large driver
+# trees we never enable are skipped; their Kconfig files stay), and the source
+# and object trees are deleted once vmlinux is installed (~1.7 GB otherwise),
+# unless KEEP_KERNEL_TREE=1 keeps them for quick rebuilds.
+#
 # Environment: KERNEL_SRC_TARBALL (default /usr/src/linux-source-6.1.tar.xz),
-# KERNEL_WORK (default <repo>/build/kernel), JOBS (default nproc), FORCE=1.
+# KERNEL_WORK (default <repo>/build/kernel), JOBS (default nproc), FORCE=1,
+# KEEP_KERNEL_TREE=1.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -79,8 +86,26 @@ OBJ="$WORK/obj-$SRC_KEY"
 if [ ! -f "$SRC/.vmpod-ready" ]; then
   rm -rf "$SRC" "$SRC.tmp"
   mkdir -p "$SRC.tmp"
+  # Unpacked sources + objects take ~700 MB; say so plainly rather than let
+  # tar fail file by file.
+  avail_mb="$(df -Pm "$WORK" | awk 'NR==2 {print $4}')"
+  if [ -n "$avail_mb" ] && [ "$avail_mb" -lt 1024 ]; then
+    die "only ${avail_mb} MB free under $WORK; the kernel build needs ~1 GB (KERNEL_WORK=DIR builds elsewhere)"
+  fi
   log "unpacking $TARBALL (linux-source $SRC_VERSION) ..."
-  tar -xJf "$TARBALL" -C "$SRC.tmp" --strip-components=1
+  # Patterns match the member names in the tarball (linux-source-6.1/...).
+  excludes=(--wildcards)
+  for arch in alpha arc arm arm64 csky hexagon ia64 loongarch m68k microblaze mips nios2 \
+              openrisc parisc powerpc riscv s390 sh sparc um xtensa; do
+    for ext in c h S dts dtsi; do excludes+=(--exclude="*/arch/$arch/*.$ext"); done
+  done
+  for ext in rst yaml txt svg dot; do excludes+=(--exclude="*/Documentation/*.$ext"); done
+  for dir in drivers/gpu drivers/media drivers/staging drivers/net/ethernet drivers/net/wireless \
+             drivers/infiniband drivers/scsi drivers/usb drivers/iio sound; do
+    excludes+=(--exclude="*/$dir/*.[ch]")
+  done
+  tar -xJf "$TARBALL" -C "$SRC.tmp" --strip-components=1 "${excludes[@]}"
+  log "unpacked: $(du -sh "$SRC.tmp" | cut -f1)"
   for p in "${PATCHES[@]}"; do
     log "applying $(basename "$p")"
     patch -d "$SRC.tmp" -p1 --quiet --forward < "$p" || die "patch $(basename "$p") does not apply"
@@ -160,3 +185,11 @@ install -m 0644 "$OBJ/arch/x86/boot/bzImage" "$OUTDIR/bzImage.tmp" && mv "$OUTDI
 install -m 0644 "$OBJ/.config" "$OUTDIR/kernel.config"
 echo "$BUILD_KEY" > "$OUTDIR/kernel.key"
 log "done: $OUTDIR/vmlinux ($(du -h "$OUTDIR/vmlinux" | cut -f1)), $OUTDIR/bzImage"
+
+# 6. The trees are only needed to rebuild; a changed fragment rebuilds nearly
+# everything anyway, so by default they go (CI hosts share a small disk).
+if [ "${KEEP_KERNEL_TREE:-0}" != 1 ]; then
+  freed="$(du -sh "$SRC" "$OBJ" 2>/dev/null | awk '{print $1}' | paste -sd+)"
+  rm -rf "$SRC" "$OBJ"
+  log "removed the source and object trees ($freed; KEEP_KERNEL_TREE=1 keeps them)"
+fi
