@@ -6,7 +6,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,29 @@ pub fn vm_run_command(dir: &Path) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
+}
+
+/// `build/guest/vmlinux`; panics naming `make guest-kernel` when missing.
+pub fn guest_kernel() -> PathBuf {
+    let kernel = crate::build_dir().join("guest/vmlinux");
+    assert!(
+        kernel.exists(),
+        "{} missing: run `make guest-kernel` first",
+        kernel.display()
+    );
+    kernel
+}
+
+/// A VM run in `dir` ended by a guest power-off: exit status 0 and
+/// [`ExitReason::PowerOff`] in [`EXIT_JSON`], and its vsock socket removed.
+pub fn assert_powered_off(out: &Output, dir: &Path) {
+    assert!(
+        out.status.success(),
+        "power-off → exit 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(exit_reason(&dir.join(EXIT_JSON)), ExitReason::PowerOff);
+    assert!(!dir.join(VSOCK_UDS).exists(), "vsock socket removed");
 }
 
 /// The exit reason `vmpod vm run --exit-json PATH` wrote.

@@ -9,9 +9,10 @@
 use std::time::{Duration, Instant};
 
 use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::build_dir;
 use vmpod_tests::process::ChildGuard;
-use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
+use vmpod_tests::vm::{
+    exit_reason, guest_kernel, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -27,8 +28,7 @@ fn builtin_panic_seen_past_the_log_cap_with_another_console() {
         return;
     }
     const CAP: u64 = 4096;
-    let kernel = build_dir().join("guest/vmlinux");
-    assert!(kernel.exists(), "run `make guest-kernel` first");
+    let kernel = guest_kernel();
     let dir = tempfile::tempdir().unwrap();
     let out = ChildGuard::spawn(
         vm_run_command(dir.path())
@@ -73,8 +73,7 @@ fn builtin_sigterm_during_build_leaves_no_socket() {
         eprintln!("SKIP builtin_sigterm_during_build_leaves_no_socket: {why}");
         return;
     }
-    let kernel = build_dir().join("guest/vmlinux");
-    assert!(kernel.exists(), "run `make guest-kernel` first");
+    let kernel = guest_kernel();
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join(VSOCK_UDS);
     let child = ChildGuard::spawn(

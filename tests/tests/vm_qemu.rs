@@ -23,8 +23,8 @@ use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::net::{link_exists, ping_ok, tap_unavailable, Tap};
 use vmpod_tests::process::{alive, children, wait_gone, ChildGuard};
 use vmpod_tests::vm::{
-    console_value, exit_reason, host_to_guest, hybrid_connect, serve_guest_connect, vm_run_command,
-    wait_console, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
+    console_value, exit_reason, guest_kernel, host_to_guest, hybrid_connect, serve_guest_connect,
+    vm_run_command, wait_console, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
 };
 use vmpod_tests::{build_dir, vmpod_bin};
 
@@ -92,12 +92,7 @@ struct Artifacts {
 fn artifacts() -> &'static Artifacts {
     static A: OnceLock<Artifacts> = OnceLock::new();
     A.get_or_init(|| {
-        let kernel = build_dir().join("guest/vmlinux");
-        assert!(
-            kernel.exists(),
-            "{} missing: run `make guest-kernel` first",
-            kernel.display()
-        );
+        let kernel = guest_kernel();
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm_qemu");
         let initrd = Initramfs::new(&work.join("root"))
             .dirs(&["mnt"])

@@ -11,10 +11,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::build_dir;
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::{children, strip_ansi, wait_gone, ChildGuard};
-use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
+use vmpod_tests::vm::{
+    assert_powered_off, exit_reason, guest_kernel, vm_run_command, CONSOLE_LOG, EXIT_JSON,
+    VSOCK_UDS,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -46,12 +48,7 @@ struct Artifacts {
 fn artifacts() -> &'static Artifacts {
     static A: OnceLock<Artifacts> = OnceLock::new();
     A.get_or_init(|| {
-        let kernel = build_dir().join("guest/vmlinux");
-        assert!(
-            kernel.exists(),
-            "{} missing: run `make guest-kernel` first",
-            kernel.display()
-        );
+        let kernel = guest_kernel();
         let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm_qemu_exits");
         let initrd = Initramfs::new(&work.join("root"))
             .busybox_init(INIT)
@@ -135,16 +132,7 @@ fn power_off_ends_the_vm_even_with_another_console() {
     let dir = tempfile::tempdir().unwrap();
     let child = start_vm(dir.path(), "console=tty0 vmpod_test=poweroff");
     let out = child.wait_exit(TIMEOUT);
-    assert!(
-        out.status.success(),
-        "power-off → exit 0: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        exit_reason(&dir.path().join(EXIT_JSON)),
-        ExitReason::PowerOff
-    );
-    assert!(!dir.path().join(VSOCK_UDS).exists(), "vsock socket removed");
+    assert_powered_off(&out, dir.path());
 }
 
 /// A guest flooding its console (~300 KB) under a 32 KiB cap: the log
@@ -163,15 +151,7 @@ fn console_flood_is_capped_and_power_off_still_seen() {
         &["--console-log-max", &CAP.to_string()],
     )
     .wait_exit(TIMEOUT);
-    assert!(
-        out.status.success(),
-        "power-off → exit 0: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        exit_reason(&dir.path().join(EXIT_JSON)),
-        ExitReason::PowerOff
-    );
+    assert_powered_off(&out, dir.path());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.starts_with("an earlier run's line\n"), "appended");
     let notice = format!("console log limit of {CAP} bytes reached");

@@ -18,11 +18,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::build_dir;
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::net::{ping_ok, Tap};
 use vmpod_tests::process::{strip_ansi, ChildGuard};
-use vmpod_tests::vm::{exit_reason, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS};
+use vmpod_tests::vm::{
+    exit_reason, guest_kernel, vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
+};
 
 /// Boot to the root-device wait takes ~20-60 s here (emulated kernel mode,
 /// busy 2-core machine); be generous.
@@ -40,13 +41,7 @@ fn skip_reason() -> Option<String> {
 }
 
 fn kernel() -> PathBuf {
-    let k = build_dir().join("guest/vmlinux");
-    assert!(
-        k.exists(),
-        "{} missing: run `make guest-kernel` first",
-        k.display()
-    );
-    k
+    guest_kernel()
 }
 
 /// A raw 8 MiB disk image with an MBR holding one Linux partition.

@@ -11,13 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use vmpod_runtime::hypervisor::ExitReason;
-use vmpod_tests::build_dir;
 use vmpod_tests::initramfs::Initramfs;
 use vmpod_tests::process::ChildGuard;
 use vmpod_tests::vm::{
-    console_value, exit_reason, host_to_guest, serve_guest_connect, vm_run_command, CONSOLE_LOG,
-    EXIT_JSON, VSOCK_UDS,
+    assert_powered_off, console_value, guest_kernel, host_to_guest, serve_guest_connect,
+    vm_run_command, CONSOLE_LOG, EXIT_JSON, VSOCK_UDS,
 };
 
 const MARKER: &str = "VMPOD-BUILTIN-INIT";
@@ -66,7 +64,7 @@ fn vm(dir: &Path, cmdline: &str) -> ChildGuard {
         vm_run_command(dir)
             .args(["--hypervisor", "builtin"])
             .arg("--kernel")
-            .arg(build_dir().join("guest/vmlinux"))
+            .arg(guest_kernel())
             .arg("--initrd")
             .arg(initrd())
             .args(["--cmdline", cmdline, "--vcpus", "2", "--memory-mib", "256"])
@@ -99,16 +97,7 @@ fn builtin_userspace_vsock_and_poweroff() {
     assert_eq!(host_to_guest(&uds, 5000, "ping"), "echo:ping");
     assert_eq!(host_to_guest(&uds, 5000, "quit"), "echo:quit");
     let out = child.wait_exit(BOOT_TIMEOUT);
-    assert!(
-        out.status.success(),
-        "power-off → exit 0: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        exit_reason(&dir.path().join(EXIT_JSON)),
-        ExitReason::PowerOff
-    );
-    assert!(!uds.exists());
+    assert_powered_off(&out, dir.path());
 }
 
 /// init exits → kernel panic → crash reported (exit 2, reason printed).
