@@ -18,7 +18,7 @@
 # Disk: only what an x86_64 microVM build can reach is unpacked (other
 # architectures, the rst/yaml documentation and the C sources of large driver
 # trees we never enable are skipped; their Kconfig files stay), and the source
-# and object trees are deleted once vmlinux is installed (~1.7 GB otherwise),
+# and object trees (~700 MB) are deleted once vmlinux is installed,
 # unless KEEP_KERNEL_TREE=1 keeps them for quick rebuilds.
 #
 # Environment: KERNEL_SRC_TARBALL (default /usr/src/linux-source-6.1.tar.xz),

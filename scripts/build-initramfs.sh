@@ -2,7 +2,8 @@
 # Build the guest initramfs images into $1 (default build/guest):
 #   initramfs.cpio.gz       product: the agent as /init, nothing else
 #   initramfs-test.cpio.gz  + a busybox container rootfs at /containers/busybox
-#   initramfs-debug.cpio.gz + busybox in the guest root (console shell)
+#   initramfs-debug.cpio.gz + busybox in the guest root (console shell), and
+#                           the busybox container rootfs as in -test
 # Expects the static agent (make agent) in target/x86_64-unknown-linux-musl/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."

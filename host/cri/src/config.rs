@@ -293,7 +293,7 @@ impl RuntimeHandler {
         if !is_handler_name(name) {
             return Err((
                 "name".into(),
-                "handler names are lowercase letters, digits and '-', at most 63 characters".into(),
+                "handler names are lowercase letters, digits and '-' (not first or last), at most 63 characters".into(),
             ));
         }
         if !(1..=64).contains(&self.vcpus) {
