@@ -14,8 +14,8 @@ PKGS=(
   iputils-ping
   # virtiofsd build
   libcap-ng-dev libseccomp-dev
-  # tests: local OCI registry, CNI plugins
-  docker-registry containernetworking-plugins
+  # tests: local OCI registry (and openssl for its TLS test CA), CNI plugins
+  docker-registry openssl containernetworking-plugins
   "$@"
 )
 

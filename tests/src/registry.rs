@@ -2,6 +2,8 @@
 //! v2) on a random loopback port, storage and config in a temp dir, killed
 //! on drop. Optional htpasswd (bcrypt) basic auth. [`BearerProxy`] puts a
 //! tiny bearer-token realm in front of a registry for the token flow.
+//! [`Registry::tls_view`] serves a registry's content over HTTPS with a
+//! certificate from a [`TestCa`].
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
@@ -46,6 +48,8 @@ pub fn free_port() -> Result<u16> {
 pub struct Registry {
     child: Child,
     dir: tempfile::TempDir,
+    /// Where the content lives (another registry's, for a TLS view).
+    data: PathBuf,
     port: u16,
     /// `(user, password)` when started with htpasswd auth.
     pub credentials: Option<(String, String)>,
@@ -54,23 +58,43 @@ pub struct Registry {
 impl Registry {
     /// Anonymous registry.
     pub fn start() -> Result<Registry> {
-        Self::spawn(None)
+        Self::spawn(None, None, None)
     }
 
     /// Registry requiring HTTP basic auth (htpasswd, bcrypt hash).
     pub fn start_with_htpasswd(user: &str, password: &str) -> Result<Registry> {
-        Self::spawn(Some((user.to_string(), password.to_string())))
+        Self::spawn(Some((user.to_string(), password.to_string())), None, None)
     }
 
-    fn spawn(creds: Option<(String, String)>) -> Result<Registry> {
+    /// A second registry serving this one's content (same storage
+    /// directory, read-only use) over HTTPS with `ca`'s server certificate
+    /// for 127.0.0.1. Push to `self` over HTTP, pull from the view.
+    pub fn tls_view(&self, ca: &TestCa) -> Result<Registry> {
+        Self::spawn(None, Some(self.data.clone()), Some(ca))
+    }
+
+    fn spawn(
+        creds: Option<(String, String)>,
+        data: Option<PathBuf>,
+        tls: Option<&TestCa>,
+    ) -> Result<Registry> {
         if let Some(r) = skip_reason() {
             bail!(r);
         }
         let dir = tempfile::Builder::new()
             .prefix("vmpod-registry-")
             .tempdir()?;
-        let data = dir.path().join("data");
+        let data = data.unwrap_or_else(|| dir.path().join("data"));
         std::fs::create_dir_all(&data)?;
+        let tls = tls
+            .map(|ca| {
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    ca.server_cert.display(),
+                    ca.server_key.display()
+                )
+            })
+            .unwrap_or_default();
         let mut auth = String::new();
         if let Some((u, p)) = &creds {
             let hash = bcrypt::hash_with_result(p, 4)
@@ -92,7 +116,7 @@ impl Registry {
                 f,
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: vmpod-test-secret\n{auth}",
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: vmpod-test-secret\n{tls}{auth}",
                 data.display()
             )?;
             drop(f);
@@ -115,6 +139,7 @@ impl Registry {
                 return Ok(Registry {
                     child,
                     dir,
+                    data,
                     port,
                     credentials: creds,
                 });
@@ -205,9 +230,8 @@ impl Registry {
     pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<()> {
         let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
         let link = self
-            .dir
-            .path()
-            .join("data/docker/registry/v2/repositories")
+            .data
+            .join("docker/registry/v2/repositories")
             .join(repo)
             .join("_layers/sha256")
             .join(hex);
@@ -217,9 +241,8 @@ impl Registry {
     fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
         Ok(self
-            .dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
+            .data
+            .join("docker/registry/v2/blobs/sha256")
             .join(&hex[..2])
             .join(hex)
             .join("data"))
@@ -249,6 +272,84 @@ fn wait_ready(child: &mut Child, port: u16, log: &Path, timeout: Duration) -> Re
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(false)
+}
+
+/// A throw-away certificate authority and a server certificate it signed
+/// for `127.0.0.1` (made with the `openssl` command), in a temp dir.
+pub struct TestCa {
+    _dir: tempfile::TempDir,
+    /// The CA certificate (PEM): what a client must trust.
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Result<TestCa> {
+        let dir = tempfile::Builder::new().prefix("vmpod-ca-").tempdir()?;
+        let p = |name: &str| dir.path().join(name);
+        let ext = p("san.ext");
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n")?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let steps: Vec<Vec<String>> = vec![
+            ["req", "-x509", "-days", "2", "-subj", "/CN=vmpod test CA"]
+                .iter()
+                .chain(ec.iter())
+                .map(|s| s.to_string())
+                .chain(["-keyout".into(), p("ca.key").display().to_string()])
+                .chain(["-out".into(), p("ca.pem").display().to_string()])
+                .collect(),
+            ["req", "-subj", "/CN=127.0.0.1"]
+                .iter()
+                .chain(ec.iter())
+                .map(|s| s.to_string())
+                .chain(["-keyout".into(), p("server.key").display().to_string()])
+                .chain(["-out".into(), p("server.csr").display().to_string()])
+                .collect(),
+            vec![
+                "x509".into(),
+                "-req".into(),
+                "-days".into(),
+                "2".into(),
+                "-in".into(),
+                p("server.csr").display().to_string(),
+                "-CA".into(),
+                p("ca.pem").display().to_string(),
+                "-CAkey".into(),
+                p("ca.key").display().to_string(),
+                "-CAcreateserial".into(),
+                "-extfile".into(),
+                ext.display().to_string(),
+                "-out".into(),
+                p("server.pem").display().to_string(),
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(&args)
+                .output()
+                .context("running openssl (Debian package openssl; scripts/install-deps.sh)")?;
+            if !out.status.success() {
+                bail!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(TestCa {
+            ca_cert: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            _dir: dir,
+        })
+    }
 }
 
 impl Drop for Registry {

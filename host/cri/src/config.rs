@@ -127,6 +127,13 @@ pub struct RegistryHost {
     pub mirrors: Vec<MirrorEndpoint>,
     /// Never contact the host itself; only its mirrors.
     pub mirror_only: bool,
+    /// PEM file of CA certificates trusted (besides the system's) when
+    /// this host is contacted as a registry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `ca_file`'s certificates, loaded and checked by [`Config::parse`].
+    #[serde(skip)]
+    pub ca: vmpod_images::CaCerts,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -137,6 +144,13 @@ pub struct MirrorEndpoint {
     /// Allow plain HTTP to this mirror (implied by an `http://` endpoint).
     #[serde(default)]
     pub insecure: bool,
+    /// PEM file of CA certificates trusted (besides the system's) for this
+    /// mirror endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `ca_file`'s certificates, loaded and checked by [`Config::parse`].
+    #[serde(skip)]
+    pub ca: vmpod_images::CaCerts,
 }
 
 /// `[cni]`: where the network configuration and plugins live.
@@ -203,6 +217,13 @@ impl Config {
                 key,
                 message,
             })?;
+        config
+            .load_ca_files()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
         // Docker Hub's other names: images are named docker.io/..., so a
         // table under another name would never match. (validate() made sure
         // there is only one.)
@@ -211,6 +232,28 @@ impl Config {
             .map(|(host, reg)| (canonical_registry(&host).to_string(), reg))
             .collect();
         Ok(config)
+    }
+
+    /// Read every `ca_file` (absolute paths only), so a missing file or a
+    /// broken certificate stops the daemon at start-up, naming the key.
+    fn load_ca_files(&mut self) -> Result<(), (String, String)> {
+        fn load(key: String, path: &Path) -> Result<vmpod_images::CaCerts, (String, String)> {
+            if !path.is_absolute() {
+                return Err((key, format!("{} must be an absolute path", path.display())));
+            }
+            vmpod_images::CaCerts::load(path).map_err(|m| (key, m))
+        }
+        for (host, reg) in &mut self.registries {
+            if let Some(p) = &reg.ca_file {
+                reg.ca = load(format!("registries.\"{host}\".ca_file"), p)?;
+            }
+            for (i, m) in reg.mirrors.iter_mut().enumerate() {
+                if let Some(p) = &m.ca_file {
+                    m.ca = load(format!("registries.\"{host}\".mirrors[{i}].ca_file"), p)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -265,6 +308,9 @@ impl Config {
             if reg.insecure {
                 out.insecure.push(host.clone());
             }
+            if !reg.ca.is_empty() {
+                out.ca.insert(host.clone(), reg.ca.clone());
+            }
             // A mirror's `insecure` stays with that mirror endpoint.
             let mirrors: Vec<vmpod_images::Mirror> = reg
                 .mirrors
@@ -273,6 +319,7 @@ impl Config {
                     endpoint: m.endpoint.clone(),
                     mirror_only: reg.mirror_only,
                     insecure: m.insecure,
+                    ca: m.ca.clone(),
                 })
                 .collect();
             if !mirrors.is_empty() {

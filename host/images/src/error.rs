@@ -75,6 +75,24 @@ impl ImageError {
 }
 
 /// `" (detail)"`, or nothing when `detail` is empty.
+/// `e` and its causes, `: `-joined: HTTP clients put the telling part (a
+/// refused connection, a certificate that does not verify) in a source,
+/// while their own message is only "error sending request for url (...)".
+/// A cause whose text the message so far already holds is left out.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 fn in_parens(detail: &str) -> String {
     if detail.is_empty() {
         String::new()
@@ -91,5 +109,38 @@ pub(crate) trait StoreContext<T> {
 impl<T, E: std::fmt::Display> StoreContext<T> for std::result::Result<T, E> {
     fn ctx(self, op: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| ImageError::store(op(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn with_causes_appends_each_new_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "error sending request",
+            Some(Box::new(E(
+                "client error (Connect)",
+                Some(Box::new(E(
+                    "Connect",
+                    Some(Box::new(E("certificate verify failed", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            super::with_causes(&e),
+            "error sending request: client error (Connect): certificate verify failed"
+        );
     }
 }

@@ -14,7 +14,7 @@
 //! mirrors and fallback between endpoints, auth; `registry/errors`),
 //! `oauth` (identity-token exchange), `content` (blob store and the
 //! blocking-pool blob writer), [`unpack`] (tar -> layer dir), `meta` (redb),
-//! `pull` (one pull), `dedup` (shared in-flight pulls), `store` (shared
+//! `tls` (extra CA certificates per endpoint), `pull` (one pull), `dedup` (shared in-flight pulls), `store` (shared
 //! state), `gc` (garbage collection), `usage` (cached disk usage).
 
 mod content;
@@ -27,6 +27,7 @@ mod pull;
 pub mod reference;
 mod registry;
 mod store;
+mod tls;
 mod types;
 pub mod unpack;
 mod usage;
@@ -39,6 +40,7 @@ use tracing::info;
 
 pub use error::{ImageError, Result};
 pub use reference::ImageRef;
+pub use tls::CaCerts;
 pub use types::{Auth, FsUsage, ImageFilter, ImageRecord, Mirror, PullStats, RegistryConfig};
 
 use error::StoreContext;

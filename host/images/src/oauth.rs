@@ -101,9 +101,14 @@ pub(crate) async fn access_token(
         reason: format!("{}: {reason}", ep.host),
     };
     let transport = |what: &str, e: reqwest::Error| {
-        ImageError::registry(shown, format!("{}: {what}: {e}", ep.host))
+        ImageError::registry(
+            shown,
+            format!("{}: {what}: {}", ep.host, crate::error::with_causes(&e)),
+        )
     };
-    let http = reqwest::Client::builder()
+    let http = ep
+        .ca
+        .add_to(reqwest::Client::builder())
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())

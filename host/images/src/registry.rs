@@ -55,6 +55,8 @@ pub struct Endpoint {
     pub host: String,
     pub plain_http: bool,
     pub mirror: bool,
+    /// Extra trust anchors for this endpoint's TLS (and its token realm).
+    pub ca: crate::CaCerts,
 }
 
 /// Is `host[:port]` a loopback address or `localhost`, which always get
@@ -121,6 +123,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
             host: host.to_string(),
             plain_http,
             mirror: true,
+            ca: m.ca.clone(),
         });
     }
     if !mirror_only {
@@ -128,6 +131,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
             host: registry.to_string(),
             plain_http: is_loopback(registry) || cfg.insecure.iter().any(|i| i == registry),
             mirror: false,
+            ca: cfg.ca.get(registry).cloned().unwrap_or_default(),
         });
     }
     Ok(out)
@@ -232,6 +236,7 @@ impl Conn {
             protocol,
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
+            extra_root_certificates: ep.ca.for_oci_client(),
             ..Default::default()
         });
         Conn {
@@ -461,7 +466,11 @@ impl Remote {
                     }
                     _ => ImageError::registry(
                         &self.shown,
-                        format!("{}: reading {what} {digest}: {e}", c.endpoint.host),
+                        format!(
+                            "{}: reading {what} {digest}: {}",
+                            c.endpoint.host,
+                            crate::error::with_causes(&e)
+                        ),
                     ),
                 }
             })?;
@@ -497,9 +506,36 @@ mod tests {
                 endpoint: ep.to_string(),
                 mirror_only: *only,
                 insecure: false,
+                ca: Default::default(),
             });
         }
         c
+    }
+
+    #[test]
+    fn a_ca_stays_with_its_endpoint() {
+        let mut c = cfg(&[
+            ("quay.io", "https://m1:5000", false),
+            ("quay.io", "m2:5000", false),
+        ]);
+        c.mirrors.get_mut("quay.io").unwrap()[1].ca = crate::CaCerts::unchecked(&["mirror CA"]);
+        c.ca.insert("quay.io".into(), crate::CaCerts::unchecked(&["origin CA"]));
+        let e = endpoints(&c, "quay.io").unwrap();
+        let names: Vec<(&str, crate::CaCerts)> = e
+            .iter()
+            .map(|ep| (ep.host.as_str(), ep.ca.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("m1:5000", crate::CaCerts::default()),
+                ("m2:5000", crate::CaCerts::unchecked(&["mirror CA"])),
+                ("quay.io", crate::CaCerts::unchecked(&["origin CA"])),
+            ]
+        );
+        // The origin's CA is not another registry's.
+        let other = endpoints(&c, "docker.io").unwrap();
+        assert!(other[0].ca.is_empty());
     }
 
     #[test]
@@ -511,6 +547,7 @@ mod tests {
                 endpoint: "mirror.internal:5000".into(),
                 mirror_only: false,
                 insecure: true,
+                ca: Default::default(),
             }],
         );
         c.mirrors.insert(
@@ -519,10 +556,12 @@ mod tests {
                 endpoint: "mirror.internal:5000".into(),
                 mirror_only: false,
                 insecure: false,
+                ca: Default::default(),
             }],
         );
         let e = endpoints(&c, "docker.io").unwrap();
         assert!(e[0].mirror && e[0].plain_http, "{e:?}");
+        assert!(e.iter().all(|ep| ep.ca.is_empty()), "no CA configured");
         assert!(!e[1].plain_http, "docker.io itself stays HTTPS");
         // The same host as a registry, or as a mirror of another registry
         // without `insecure`: HTTPS.

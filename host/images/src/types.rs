@@ -32,6 +32,10 @@ pub struct RegistryConfig {
     /// `registry.k8s.io` -> [`http://127.0.0.1:5000`]). The key is the host
     /// as it appears in the normalised reference (`docker.io` for Docker Hub).
     pub mirrors: BTreeMap<String, Vec<Mirror>>,
+    /// Per registry host: CA certificates trusted, besides the system's,
+    /// when that host is contacted as a registry (not as a mirror: see
+    /// [`Mirror::ca`]).
+    pub ca: BTreeMap<String, crate::CaCerts>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct Mirror {
     pub insecure: bool,
     /// When set on any mirror of a host, the original host is never contacted.
     pub mirror_only: bool,
+    /// CA certificates trusted, besides the system's, for this endpoint.
+    pub ca: crate::CaCerts,
 }
 
 /// One stored image, as the CRI layer needs it.

@@ -138,6 +138,7 @@ fn mirrors(host: &str, endpoints: &[String], mirror_only: bool) -> RegistryConfi
                 endpoint: e.clone(),
                 mirror_only,
                 insecure: false,
+                ca: Default::default(),
             })
             .collect(),
     );

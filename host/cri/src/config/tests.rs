@@ -68,6 +68,7 @@ bin_dirs = ["/tmp/bin"]
             endpoint: "http://127.0.0.1:5000".into(),
             mirror_only: true,
             insecure: false,
+            ca: Default::default(),
         }]
     );
     assert_eq!(r.mirrors["docker.io"].len(), 2);
@@ -152,6 +153,18 @@ fn bad_values_are_rejected_with_their_key() {
             "mirrors[0].endpoint",
         ),
         ("[registries.\"bad host\"]", "bad host"),
+        (
+            "[registries.\"quay.io\"]\nca_file = \"ca.pem\"",
+            "registries.\"quay.io\".ca_file: ca.pem must be an absolute path",
+        ),
+        (
+            "[registries.\"quay.io\"]\nca_file = \"/nonexistent/ca.pem\"",
+            "registries.\"quay.io\".ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            "[registries.\"quay.io\"]\nmirrors = [{ endpoint = \"m:5000\", ca_file = \"/dev/null\" }]",
+            "registries.\"quay.io\".mirrors[0].ca_file: /dev/null: no PEM certificate",
+        ),
     ] {
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains(needle), "{text:?} -> {err}");

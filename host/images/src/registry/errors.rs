@@ -111,7 +111,10 @@ pub fn map_err(shown: &str, ep: &Endpoint, e: OciDistributionError) -> ImageErro
         OciDistributionError::DigestError(d) => {
             ImageError::registry(shown, format!("{}: bad digest: {d}", ep.host))
         }
-        other => ImageError::registry(shown, format!("{}: {other}", ep.host)),
+        other => ImageError::registry(
+            shown,
+            format!("{}: {}", ep.host, crate::error::with_causes(&other)),
+        ),
     }
 }
 
@@ -125,6 +128,7 @@ mod tests {
             host: host.into(),
             plain_http: true,
             mirror,
+            ca: Default::default(),
         };
         let shown = "registry.k8s.io/pause:3.9";
         let e = summarise(
