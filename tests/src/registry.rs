@@ -367,7 +367,7 @@ impl Drop for Registry {
 /// HEAD, which is all a pull needs) to the backend unchanged.
 pub struct BearerProxy {
     port: u16,
-    token: String,
+    state: Arc<ProxyState>,
     refresh_token: String,
     task: tokio::task::JoinHandle<()>,
     /// Token requests seen (`(scope, service)` query strings).
@@ -393,12 +393,15 @@ impl BearerProxy {
         let st = Arc::new(ProxyState {
             backend: backend.to_string(),
             realm: format!("http://127.0.0.1:{port}/token"),
-            token: token.clone(),
+            token: Mutex::new(token),
+            revoke_after: std::sync::atomic::AtomicI64::new(-1),
+            revocations: std::sync::atomic::AtomicU64::new(0),
             refresh_token: refresh_token.clone(),
             basic,
             token_requests: token_requests.clone(),
             authorizations: authorizations.clone(),
         });
+        let state = st.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
@@ -412,7 +415,7 @@ impl BearerProxy {
         });
         Ok(BearerProxy {
             port,
-            token,
+            state,
             refresh_token,
             task,
             token_requests,
@@ -424,9 +427,25 @@ impl BearerProxy {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// The token the realm hands out (to test ready-made registry tokens).
-    pub fn token(&self) -> &str {
-        &self.token
+    /// The token the realm hands out now (to test ready-made registry tokens).
+    pub fn token(&self) -> String {
+        self.state.token.lock().unwrap().clone()
+    }
+
+    /// After `n` more requests accepted with the current token, revoke it
+    /// (it stops working; the realm hands out a new one), as a registry
+    /// whose short-lived token expires in the middle of a pull.
+    pub fn revoke_token_after(&self, n: i64) {
+        self.state
+            .revoke_after
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many tokens were revoked so far.
+    pub fn revocations(&self) -> u64 {
+        self.state
+            .revocations
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The OAuth2 refresh token `POST /token` accepts (an `identity_token`).
@@ -444,7 +463,10 @@ impl Drop for BearerProxy {
 struct ProxyState {
     backend: String,
     realm: String,
-    token: String,
+    token: Mutex<String>,
+    /// Accepted requests left before the token is revoked (-1: never).
+    revoke_after: std::sync::atomic::AtomicI64,
+    revocations: std::sync::atomic::AtomicU64,
     refresh_token: String,
     basic: String,
     token_requests: Arc<Mutex<Vec<String>>>,
@@ -452,6 +474,28 @@ struct ProxyState {
 }
 
 impl ProxyState {
+    fn current_token(&self) -> String {
+        self.token.lock().unwrap().clone()
+    }
+
+    /// One more request accepted with the current token: revoke it when
+    /// that was the last one [`BearerProxy::revoke_token_after`] allowed.
+    fn count_towards_revocation(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.revoke_after.load(SeqCst);
+        if left < 0 {
+            return;
+        }
+        if left <= 1 {
+            self.revoke_after.store(-1, SeqCst);
+            let n = self.revocations.fetch_add(1, SeqCst) + 1;
+            let mut t = self.token.lock().unwrap();
+            *t = format!("{}-r{n}", t.split("-r").next().unwrap_or(&t));
+        } else {
+            self.revoke_after.store(left - 1, SeqCst);
+        }
+    }
+
     /// One request per connection (`Connection: close`).
     async fn serve(&self, mut sock: tokio::net::TcpStream) -> Result<()> {
         let mut head = Vec::new();
@@ -529,7 +573,7 @@ impl ProxyState {
             }
             let body = format!(
                 "{{\"access_token\":\"{}\",\"expires_in\":300,\"scope\":\"{}\"}}",
-                self.token,
+                self.current_token(),
                 field("scope")
             );
             return respond(&mut sock, "200 OK", "application/json", body.as_bytes()).await;
@@ -550,10 +594,13 @@ impl ProxyState {
                 )
                 .await;
             }
-            let body = format!("{{\"token\":\"{}\",\"expires_in\":300}}", self.token);
+            let body = format!(
+                "{{\"token\":\"{}\",\"expires_in\":300}}",
+                self.current_token()
+            );
             return respond(&mut sock, "200 OK", "application/json", body.as_bytes()).await;
         }
-        if authz != format!("Bearer {}", self.token) {
+        if authz != format!("Bearer {}", self.current_token()) {
             let hdr = format!(
                 "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n\
                  WWW-Authenticate: Bearer realm=\"{}\",service=\"vmpod-test\"\r\n\
@@ -564,6 +611,7 @@ impl ProxyState {
             sock.write_all(hdr.as_bytes()).await?;
             return Ok(());
         }
+        self.count_towards_revocation();
         if method != "GET" && method != "HEAD" {
             return respond(
                 &mut sock,

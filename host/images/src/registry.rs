@@ -251,17 +251,21 @@ impl Conn {
     /// not remembered, so a later call tries again.
     async fn auth(&self, shown: &str, creds: &Creds) -> Result<()> {
         self.authed
-            .get_or_try_init(|| async {
-                let ep = &self.endpoint;
-                let c = creds_for(shown, ep, self.reference.repository(), creds).await?;
-                self.client
-                    .auth(&self.reference, &c, RegistryOperation::Pull)
-                    .await
-                    .map_err(|e| map_err(shown, ep, e))?;
-                Ok(())
-            })
+            .get_or_try_init(|| self.authenticate(shown, creds))
             .await
             .map(|_| ())
+    }
+
+    /// Fetch a token now (credentials exchanged again for an identity
+    /// token), replacing the one the client holds.
+    async fn authenticate(&self, shown: &str, creds: &Creds) -> Result<()> {
+        let ep = &self.endpoint;
+        let c = creds_for(shown, ep, self.reference.repository(), creds).await?;
+        self.client
+            .auth(&self.reference, &c, RegistryOperation::Pull)
+            .await
+            .map_err(|e| map_err(shown, ep, e))?;
+        Ok(())
     }
 }
 
@@ -354,18 +358,37 @@ impl Remote {
         summarise(&self.shown, failures)
     }
 
+    /// Run `op` at `c`, authenticated there. A 401 after the endpoint had
+    /// accepted our credentials (a short-lived token expired or was revoked
+    /// mid-pull) gets one fresh token and one more try, as containerd's
+    /// resolver does; a second refusal stands.
+    async fn authed<T, Fut>(&self, c: &Conn, op: impl Fn() -> Fut) -> Result<T>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        c.auth(&self.shown, &self.creds).await?;
+        match op().await {
+            Err(ImageError::Unauthorized { reason, .. }) => {
+                info!(image = %self.shown, endpoint = %c.endpoint.host, %reason, "token refused mid-pull; authenticating again");
+                c.authenticate(&self.shown, &self.creds).await?;
+                op().await
+            }
+            r => r,
+        }
+    }
+
     /// Fetch a manifest by digest from the same repository.
     pub async fn manifest(&self, digest: &str) -> Result<Vec<u8>> {
         let mut failures = Vec::new();
         for c in &self.conns {
-            let attempt = async {
-                c.auth(&self.shown, &self.creds).await?;
+            let shown = self.shown.as_str();
+            let attempt = self.authed(c, move || async move {
                 let r = c.reference.clone_with_digest(digest.to_string());
                 c.client
                     .pull_manifest_raw(&r, &RegistryAuth::Anonymous, MANIFEST_TYPES)
                     .await
-                    .map_err(|e| map_err(&self.shown, &c.endpoint, e))
-            };
+                    .map_err(|e| map_err(shown, &c.endpoint, e))
+            });
             match attempt.await {
                 Ok((bytes, _)) => return Ok(bytes.to_vec()),
                 Err(e) if try_next(&e) => {
@@ -390,22 +413,24 @@ impl Remote {
         abort: &AtomicBool,
     ) -> Result<(u64, String)> {
         let mut failures = Vec::new();
+        let open_sink = &open_sink;
         for c in &self.conns {
-            let mut sink = open_sink();
-            let res = match c.auth(&self.shown, &self.creds).await {
-                Ok(()) => {
-                    self.stream(c, digest, declared_size, &mut sink, what, abort)
+            // Each try writes to a fresh sink; a failed one leaves nothing.
+            let res = self
+                .authed(c, move || async move {
+                    let mut sink = open_sink();
+                    match self
+                        .stream(c, digest, declared_size, &mut sink, what, abort)
                         .await
-                }
-                Err(e) => Err(e),
-            };
-            let res = match res {
-                Ok(()) => sink.commit().await,
-                Err(e) => {
-                    sink.abort().await;
-                    Err(e)
-                }
-            };
+                    {
+                        Ok(()) => sink.commit().await,
+                        Err(e) => {
+                            sink.abort().await;
+                            Err(e)
+                        }
+                    }
+                })
+                .await;
             match res {
                 Ok(n) => return Ok((n, c.endpoint.host.clone())),
                 Err(e) if try_next(&e) && !abort.load(Ordering::Relaxed) => {

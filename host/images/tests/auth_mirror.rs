@@ -128,6 +128,64 @@ async fn bearer_token_flow() {
     );
 }
 
+/// A token that stops working in the middle of a pull (revoked after the
+/// manifest, before the blobs) is replaced once: basic credentials and an
+/// identity token get a fresh one and the pull completes; a ready-made
+/// registry token cannot be renewed, so the pull fails (once, no loop) and
+/// stores nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_mid_pull_is_renewed_once() {
+    let Some(reg) = registry() else { return };
+    let img = image_with("revoked", Compression::Gzip);
+    push(&reg, "tok/app", "v1", &img).await;
+    let proxy = BearerProxy::start(&reg.addr(), "bob", "hunter2")
+        .await
+        .unwrap();
+    let r = format!("{}/tok/app:v1", proxy.addr());
+    let token_requests = || proxy.token_requests.lock().unwrap().len();
+
+    for (what, auth) in [
+        ("basic", basic("bob", "hunter2")),
+        (
+            "identity token",
+            Some(Auth {
+                identity_token: proxy.refresh_token().to_string(),
+                ..Default::default()
+            }),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (revoked, asked) = (proxy.revocations(), token_requests());
+        proxy.revoke_token_after(1); // the manifest, then the token is gone
+        let rec = store
+            .pull(&r, auth)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(rec.id, img.config_digest, "{what}");
+        assert_eq!(proxy.revocations(), revoked + 1, "{what}: revoked mid-pull");
+        assert!(
+            token_requests() >= asked + 2,
+            "{what}: a second token was fetched"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let fixed = Some(Auth {
+        registry_token: proxy.token(),
+        ..Default::default()
+    });
+    proxy.revoke_token_after(1);
+    match store.pull(&r, fixed).await {
+        Err(ImageError::Unauthorized { reason, .. }) => {
+            assert!(reason.contains("401"), "{reason}")
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    assert!(store.list(&ImageFilter::default()).unwrap().is_empty());
+}
+
 fn mirrors(host: &str, endpoints: &[String], mirror_only: bool) -> RegistryConfig {
     let mut c = RegistryConfig::default();
     c.mirrors.insert(
