@@ -1,6 +1,7 @@
 //! Registries behind HTTPS with a private CA, through a real `vmpod serve`:
 //! `ca_file` on a mirror endpoint makes its certificate trusted; without it
-//! the same endpoint is refused; a bad `ca_file` stops the daemon at start.
+//! the same endpoint is refused; `skip_verify` accepts it unchecked; a bad
+//! `ca_file` stops the daemon at start.
 //! The HTTPS registry is Debian's docker-registry with a certificate for
 //! 127.0.0.1 signed by a CA the test makes with the `openssl` command.
 
@@ -20,7 +21,7 @@ fn mirror_config(endpoint: &str, ca_file: Option<&std::path::Path>) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_mirror_with_a_private_ca_needs_its_ca_file() {
+async fn https_mirror_with_a_private_ca_needs_its_ca_file_or_skip_verify() {
     if let Some(why) = registry::skip_reason() {
         eprintln!("skipping: {why}");
         return;
@@ -61,6 +62,27 @@ async fn https_mirror_with_a_private_ca_needs_its_ca_file() {
             .any(|(_, p)| p == "/v2/pause/manifests/3.9"),
         "served by the HTTPS registry"
     );
+    // `skip_verify` accepts the certificate without any CA (and says so
+    // in the daemon's log).
+    drop(d);
+    let config = format!(
+        "[registries.\"registry.k8s.io\"]\nmirror_only = true\n\
+         mirrors = [{{ endpoint = \"https://{}\", skip_verify = true }}]\n",
+        tls.addr()
+    );
+    let d = Daemon::start(&config).unwrap();
+    let mut c = d.client().await.unwrap();
+    assert_eq!(
+        c.pull("registry.k8s.io/pause:3.9", None).await.unwrap(),
+        img.config_digest
+    );
+    assert!(
+        d.log()
+            .contains("skip_verify: certificates of this mirror are not checked"),
+        "{}",
+        d.log()
+    );
+
     // The CA is trusted for that endpoint only: the same registry named
     // directly over HTTPS (as a mirror of another host, no ca_file) is not.
     drop(d);

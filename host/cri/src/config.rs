@@ -134,6 +134,9 @@ pub struct RegistryHost {
     /// `ca_file`'s certificates, loaded and checked by [`Config::parse`].
     #[serde(skip)]
     pub ca: vmpod_images::CaCerts,
+    /// Accept any certificate from this host as a registry (no chain or
+    /// name check). For tests and emergencies; logged as a warning.
+    pub skip_verify: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +154,9 @@ pub struct MirrorEndpoint {
     /// `ca_file`'s certificates, loaded and checked by [`Config::parse`].
     #[serde(skip)]
     pub ca: vmpod_images::CaCerts,
+    /// Accept any certificate from this mirror endpoint.
+    #[serde(default)]
+    pub skip_verify: bool,
 }
 
 /// `[cni]`: where the network configuration and plugins live.
@@ -311,6 +317,9 @@ impl Config {
             if !reg.ca.is_empty() {
                 out.ca.insert(host.clone(), reg.ca.clone());
             }
+            if reg.skip_verify {
+                out.skip_verify.push(host.clone());
+            }
             // A mirror's `insecure` stays with that mirror endpoint.
             let mirrors: Vec<vmpod_images::Mirror> = reg
                 .mirrors
@@ -320,6 +329,7 @@ impl Config {
                     mirror_only: reg.mirror_only,
                     insecure: m.insecure,
                     ca: m.ca.clone(),
+                    skip_verify: m.skip_verify,
                 })
                 .collect();
             if !mirrors.is_empty() {

@@ -94,6 +94,14 @@ impl Daemon {
             private_dir(d)?;
         }
         let registries = opts.config.registry_config();
+        for host in &registries.skip_verify {
+            tracing::warn!(registry = %host, "skip_verify: certificates of this registry are not checked");
+        }
+        for (host, mirrors) in &registries.mirrors {
+            for m in mirrors.iter().filter(|m| m.skip_verify) {
+                tracing::warn!(registry = %host, mirror = %m.endpoint, "skip_verify: certificates of this mirror are not checked");
+            }
+        }
         let root = images_root.clone();
         let store = tokio::task::spawn_blocking(move || ImageStore::open(&root, registries))
             .await

@@ -109,6 +109,8 @@ pub(crate) async fn access_token(
     let http = ep
         .ca
         .add_to(reqwest::Client::builder())
+        .danger_accept_invalid_certs(ep.skip_verify)
+        .danger_accept_invalid_hostnames(ep.skip_verify)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())

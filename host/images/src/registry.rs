@@ -57,6 +57,8 @@ pub struct Endpoint {
     pub mirror: bool,
     /// Extra trust anchors for this endpoint's TLS (and its token realm).
     pub ca: crate::CaCerts,
+    /// No certificate check at all for this endpoint (and its token realm).
+    pub skip_verify: bool,
 }
 
 /// Is `host[:port]` a loopback address or `localhost`, which always get
@@ -124,6 +126,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
             plain_http,
             mirror: true,
             ca: m.ca.clone(),
+            skip_verify: m.skip_verify,
         });
     }
     if !mirror_only {
@@ -132,6 +135,7 @@ pub fn endpoints(cfg: &RegistryConfig, registry: &str) -> Result<Vec<Endpoint>> 
             plain_http: is_loopback(registry) || cfg.insecure.iter().any(|i| i == registry),
             mirror: false,
             ca: cfg.ca.get(registry).cloned().unwrap_or_default(),
+            skip_verify: cfg.skip_verify.iter().any(|h| h == registry),
         });
     }
     Ok(out)
@@ -237,6 +241,8 @@ impl Conn {
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
             extra_root_certificates: ep.ca.for_oci_client(),
+            accept_invalid_certificates: ep.skip_verify,
+            accept_invalid_hostnames: ep.skip_verify,
             ..Default::default()
         });
         Conn {
@@ -532,6 +538,7 @@ mod tests {
                 mirror_only: *only,
                 insecure: false,
                 ca: Default::default(),
+                skip_verify: false,
             });
         }
         c
@@ -573,6 +580,7 @@ mod tests {
                 mirror_only: false,
                 insecure: true,
                 ca: Default::default(),
+                skip_verify: false,
             }],
         );
         c.mirrors.insert(
@@ -582,6 +590,7 @@ mod tests {
                 mirror_only: false,
                 insecure: false,
                 ca: Default::default(),
+                skip_verify: false,
             }],
         );
         let e = endpoints(&c, "docker.io").unwrap();

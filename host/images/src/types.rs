@@ -36,6 +36,9 @@ pub struct RegistryConfig {
     /// when that host is contacted as a registry (not as a mirror: see
     /// [`Mirror::ca`]).
     pub ca: BTreeMap<String, crate::CaCerts>,
+    /// Registry hosts whose certificates are not checked at all (as a
+    /// registry, not as a mirror: see [`Mirror::skip_verify`]).
+    pub skip_verify: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +54,8 @@ pub struct Mirror {
     pub mirror_only: bool,
     /// CA certificates trusted, besides the system's, for this endpoint.
     pub ca: crate::CaCerts,
+    /// Accept any certificate from this endpoint (no chain or name check).
+    pub skip_verify: bool,
 }
 
 /// One stored image, as the CRI layer needs it.

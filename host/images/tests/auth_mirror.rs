@@ -197,6 +197,7 @@ fn mirrors(host: &str, endpoints: &[String], mirror_only: bool) -> RegistryConfi
                 mirror_only,
                 insecure: false,
                 ca: Default::default(),
+                skip_verify: false,
             })
             .collect(),
     );

@@ -40,10 +40,13 @@ mirrors = [{ endpoint = "http://127.0.0.1:5000" }]
 mirror_only = true
 
 [registries."docker.io"]
-mirrors = [{ endpoint = "mirror.internal:5000", insecure = true }, { endpoint = "https://m2.example" }]
+mirrors = [{ endpoint = "mirror.internal:5000", insecure = true }, { endpoint = "https://m2.example", skip_verify = true }]
 
 [registries."private.example:5000"]
 insecure = true
+
+[registries."selfsigned.example"]
+skip_verify = true
 
 [cni]
 conf_dir = "/tmp/cni"
@@ -69,9 +72,19 @@ bin_dirs = ["/tmp/bin"]
             mirror_only: true,
             insecure: false,
             ca: Default::default(),
+            skip_verify: false,
         }]
     );
     assert_eq!(r.mirrors["docker.io"].len(), 2);
+    assert_eq!(
+        (
+            r.mirrors["docker.io"][0].skip_verify,
+            r.mirrors["docker.io"][1].skip_verify
+        ),
+        (false, true),
+        "skip_verify stays with its mirror"
+    );
+    assert_eq!(r.skip_verify, ["selfsigned.example"]);
     assert!(!r.mirrors["docker.io"][0].mirror_only);
     // A mirror's insecure flag stays with that mirror, not its host.
     assert!(r.mirrors["docker.io"][0].insecure);

@@ -129,6 +129,7 @@ mod tests {
             plain_http: true,
             mirror,
             ca: Default::default(),
+            skip_verify: false,
         };
         let shown = "registry.k8s.io/pause:3.9";
         let e = summarise(
