@@ -189,7 +189,7 @@ log "done: $OUTDIR/vmlinux ($(du -h "$OUTDIR/vmlinux" | cut -f1)), $OUTDIR/bzIma
 # 6. The trees are only needed to rebuild; a changed fragment rebuilds nearly
 # everything anyway, so by default they go (CI hosts share a small disk).
 if [ "${KEEP_KERNEL_TREE:-0}" != 1 ]; then
-  freed="$(du -sh "$SRC" "$OBJ" 2>/dev/null | awk '{print $1}' | paste -sd+)"
+  freed="$(du -sh "$SRC" "$OBJ" 2>/dev/null | awk '{print $1}' | paste -sd+)" || freed="?"
   rm -rf "$SRC" "$OBJ"
   log "removed the source and object trees ($freed; KEEP_KERNEL_TREE=1 keeps them)"
 fi

@@ -482,17 +482,15 @@ impl ProxyState {
     /// that was the last one [`BearerProxy::revoke_token_after`] allowed.
     fn count_towards_revocation(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        let left = self.revoke_after.load(SeqCst);
-        if left < 0 {
-            return;
-        }
-        if left <= 1 {
-            self.revoke_after.store(-1, SeqCst);
+        // One atomic step, so concurrent requests neither lose a count nor
+        // revoke twice.
+        let before = self.revoke_after.fetch_update(SeqCst, SeqCst, |left| {
+            (left >= 0).then_some(if left <= 1 { -1 } else { left - 1 })
+        });
+        if let Ok(0..=1) = before {
             let n = self.revocations.fetch_add(1, SeqCst) + 1;
             let mut t = self.token.lock().unwrap();
             *t = format!("{}-r{n}", t.split("-r").next().unwrap_or(&t));
-        } else {
-            self.revoke_after.store(left - 1, SeqCst);
         }
     }
 

@@ -89,10 +89,13 @@ pub(crate) fn check_realm(realm: &str, plain_http: bool) -> Result<(), String> {
 }
 
 /// Exchange `refresh_token` for an access token good for pulling
-/// `repository` from `ep`. `Ok(None)`: the endpoint wants no auth at all.
+/// `repository` from `ep`, whose API answers at `api_host` (for Docker Hub
+/// `index.docker.io`, not `docker.io`). `Ok(None)`: the endpoint wants no
+/// auth at all.
 pub(crate) async fn access_token(
     shown: &str,
     ep: &Endpoint,
+    api_host: &str,
     repository: &str,
     refresh_token: &str,
 ) -> Result<Option<String>, ImageError> {
@@ -117,7 +120,7 @@ pub(crate) async fn access_token(
         .build()
         .map_err(|e| transport("HTTP client", e))?;
     let scheme = if ep.plain_http { "http" } else { "https" };
-    let base = format!("{scheme}://{}/v2/", ep.host);
+    let base = format!("{scheme}://{api_host}/v2/");
     let resp = http
         .get(&base)
         .send()

@@ -190,15 +190,22 @@ pub fn registry_auth(auth: Option<&Auth>) -> Result<Creds> {
 
 /// The credentials to use at `ep`: none at a mirror (the request's
 /// credentials are the origin's); at the origin fixed ones as they are, a
-/// refresh token exchanged there for an access token.
-async fn creds_for(shown: &str, ep: &Endpoint, repo: &str, creds: &Creds) -> Result<RegistryAuth> {
+/// refresh token exchanged there for an access token. `api_host` is where
+/// the registry API answers (`index.docker.io` for `docker.io`).
+async fn creds_for(
+    shown: &str,
+    ep: &Endpoint,
+    api_host: &str,
+    repo: &str,
+    creds: &Creds,
+) -> Result<RegistryAuth> {
     if ep.mirror {
         return Ok(RegistryAuth::Anonymous);
     }
     match creds {
         Creds::Fixed(c) => Ok(c.clone()),
         Creds::Refresh(t) => Ok(
-            match crate::oauth::access_token(shown, ep, repo, t).await? {
+            match crate::oauth::access_token(shown, ep, api_host, repo, t).await? {
                 Some(token) => RegistryAuth::Bearer(token),
                 None => RegistryAuth::Anonymous,
             },
@@ -209,7 +216,10 @@ async fn creds_for(shown: &str, ep: &Endpoint, repo: &str, creds: &Creds) -> Res
 /// One endpoint's client: the reference as that endpoint sees it (mirrors
 /// get the original host only as `?ns=`), authenticated on first use.
 struct Conn {
-    client: Client,
+    /// Replaced by [`Conn::authenticate`]: oci-client keeps the first
+    /// credentials it was given for a host, so a renewed access token needs
+    /// a fresh client.
+    client: std::sync::Mutex<Client>,
     reference: Reference,
     endpoint: Endpoint,
     authed: tokio::sync::OnceCell<()>,
@@ -231,26 +241,21 @@ impl Conn {
         if ep.mirror {
             reference.set_mirror_registry(ep.host.clone());
         }
-        let protocol = if ep.plain_http {
-            ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
-        } else {
-            ClientProtocol::Https
-        };
-        let client = Client::new(ClientConfig {
-            protocol,
-            connect_timeout: Some(std::time::Duration::from_secs(10)),
-            read_timeout: Some(std::time::Duration::from_secs(60)),
-            extra_root_certificates: ep.ca.for_oci_client(),
-            accept_invalid_certificates: ep.skip_verify,
-            accept_invalid_hostnames: ep.skip_verify,
-            ..Default::default()
-        });
+        let client = std::sync::Mutex::new(new_client(&ep, &reference));
         Conn {
             client,
             reference,
             endpoint: ep,
             authed: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The current client (a cheap handle; requests run without the lock).
+    fn client(&self) -> Client {
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Authenticate once (tokens are kept in the client); a failure is
@@ -266,13 +271,37 @@ impl Conn {
     /// token), replacing the one the client holds.
     async fn authenticate(&self, shown: &str, creds: &Creds) -> Result<()> {
         let ep = &self.endpoint;
-        let c = creds_for(shown, ep, self.reference.repository(), creds).await?;
-        self.client
-            .auth(&self.reference, &c, RegistryOperation::Pull)
+        let r = &self.reference;
+        let c = creds_for(shown, ep, r.resolve_registry(), r.repository(), creds).await?;
+        let client = new_client(ep, r);
+        client
+            .auth(r, &c, RegistryOperation::Pull)
             .await
             .map_err(|e| map_err(shown, ep, e))?;
+        *self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
         Ok(())
     }
+}
+
+/// An oci-client for `ep` (its scheme, extra CAs, certificate checks).
+fn new_client(ep: &Endpoint, reference: &Reference) -> Client {
+    let protocol = if ep.plain_http {
+        ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        connect_timeout: Some(std::time::Duration::from_secs(10)),
+        read_timeout: Some(std::time::Duration::from_secs(60)),
+        extra_root_certificates: ep.ca.for_oci_client(),
+        accept_invalid_certificates: ep.skip_verify,
+        accept_invalid_hostnames: ep.skip_verify,
+        ..Default::default()
+    })
 }
 
 /// Worth trying the next endpoint after this failure of one?
@@ -323,7 +352,7 @@ impl Remote {
             info!(image = %shown, endpoint = %format!("{scheme}://{}", ep.host), mirror = ep.mirror, "resolving");
             let attempt = async {
                 conn.auth(&shown, &creds).await?;
-                conn.client
+                conn.client()
                     .pull_manifest_raw(&conn.reference, &RegistryAuth::Anonymous, MANIFEST_TYPES)
                     .await
                     .map_err(|e| map_err(&shown, ep, e))
@@ -364,17 +393,21 @@ impl Remote {
         summarise(&self.shown, failures)
     }
 
-    /// Run `op` at `c`, authenticated there. A 401 after the endpoint had
-    /// accepted our credentials (a short-lived token expired or was revoked
-    /// mid-pull) gets one fresh token and one more try, as containerd's
-    /// resolver does; a second refusal stands.
-    async fn authed<T, Fut>(&self, c: &Conn, op: impl Fn() -> Fut) -> Result<T>
+    /// Run `op` at `c`, authenticated there. A refusal (401/403) after
+    /// the endpoint had accepted our credentials in an earlier call (a
+    /// short-lived token expired or was revoked mid-pull) gets one fresh
+    /// token and one more try, as containerd's resolver does; a second
+    /// refusal stands, and an aborted pull is not retried.
+    async fn authed<T, Fut>(&self, c: &Conn, abort: &AtomicBool, op: impl Fn() -> Fut) -> Result<T>
     where
         Fut: std::future::Future<Output = Result<T>>,
     {
+        let accepted_before = c.authed.initialized();
         c.auth(&self.shown, &self.creds).await?;
         match op().await {
-            Err(ImageError::Unauthorized { reason, .. }) => {
+            Err(ImageError::Unauthorized { reason, .. })
+                if accepted_before && !abort.load(Ordering::Relaxed) =>
+            {
                 info!(image = %self.shown, endpoint = %c.endpoint.host, %reason, "token refused mid-pull; authenticating again");
                 c.authenticate(&self.shown, &self.creds).await?;
                 op().await
@@ -388,9 +421,10 @@ impl Remote {
         let mut failures = Vec::new();
         for c in &self.conns {
             let shown = self.shown.as_str();
-            let attempt = self.authed(c, move || async move {
+            let never = AtomicBool::new(false);
+            let attempt = self.authed(c, &never, move || async move {
                 let r = c.reference.clone_with_digest(digest.to_string());
-                c.client
+                c.client()
                     .pull_manifest_raw(&r, &RegistryAuth::Anonymous, MANIFEST_TYPES)
                     .await
                     .map_err(|e| map_err(shown, &c.endpoint, e))
@@ -423,7 +457,7 @@ impl Remote {
         for c in &self.conns {
             // Each try writes to a fresh sink; a failed one leaves nothing.
             let res = self
-                .authed(c, move || async move {
+                .authed(c, abort, move || async move {
                     let mut sink = open_sink();
                     match self
                         .stream(c, digest, declared_size, &mut sink, what, abort)
@@ -471,7 +505,7 @@ impl Remote {
         abort: &AtomicBool,
     ) -> Result<()> {
         let mut s = c
-            .client
+            .client()
             .pull_blob_stream(&c.reference, digest)
             .await
             .map_err(|e| map_err(&self.shown, &c.endpoint, e))?;
