@@ -287,52 +287,49 @@ pub struct TestCa {
 impl TestCa {
     pub fn new() -> Result<TestCa> {
         let dir = tempfile::Builder::new().prefix("vmpod-ca-").tempdir()?;
-        let p = |name: &str| dir.path().join(name);
-        let ext = p("san.ext");
-        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n")?;
-        let ec = [
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+        // Run in the temp dir, so every file is named relative to it.
+        const EC_KEY: &[&str] = &[
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
             "-nodes",
         ];
-        let steps: Vec<Vec<String>> = vec![
-            ["req", "-x509", "-days", "2", "-subj", "/CN=vmpod test CA"]
-                .iter()
-                .chain(ec.iter())
-                .map(|s| s.to_string())
-                .chain(["-keyout".into(), p("ca.key").display().to_string()])
-                .chain(["-out".into(), p("ca.pem").display().to_string()])
-                .collect(),
-            ["req", "-subj", "/CN=127.0.0.1"]
-                .iter()
-                .chain(ec.iter())
-                .map(|s| s.to_string())
-                .chain(["-keyout".into(), p("server.key").display().to_string()])
-                .chain(["-out".into(), p("server.csr").display().to_string()])
-                .collect(),
-            vec![
-                "x509".into(),
-                "-req".into(),
-                "-days".into(),
-                "2".into(),
-                "-in".into(),
-                p("server.csr").display().to_string(),
-                "-CA".into(),
-                p("ca.pem").display().to_string(),
-                "-CAkey".into(),
-                p("ca.key").display().to_string(),
-                "-CAcreateserial".into(),
-                "-extfile".into(),
-                ext.display().to_string(),
-                "-out".into(),
-                p("server.pem").display().to_string(),
+        let steps: [&[&[&str]]; 3] = [
+            &[
+                &["req", "-x509", "-days", "2", "-subj", "/CN=vmpod test CA"],
+                EC_KEY,
+                &["-keyout", "ca.key", "-out", "ca.pem"],
             ],
+            &[
+                &["req", "-subj", "/CN=127.0.0.1"],
+                EC_KEY,
+                &["-keyout", "server.key", "-out", "server.csr"],
+            ],
+            &[&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.pem",
+            ]],
         ];
-        for args in steps {
+        for step in steps {
+            let args = step.concat();
             let out = Command::new("openssl")
                 .args(&args)
+                .current_dir(dir.path())
                 .output()
                 .context("running openssl (Debian package openssl; scripts/install-deps.sh)")?;
             if !out.status.success() {
@@ -344,9 +341,9 @@ impl TestCa {
             }
         }
         Ok(TestCa {
-            ca_cert: p("ca.pem"),
-            server_cert: p("server.pem"),
-            server_key: p("server.key"),
+            ca_cert: dir.path().join("ca.pem"),
+            server_cert: dir.path().join("server.pem"),
+            server_key: dir.path().join("server.key"),
             _dir: dir,
         })
     }

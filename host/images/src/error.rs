@@ -74,7 +74,6 @@ impl ImageError {
     }
 }
 
-/// `" (detail)"`, or nothing when `detail` is empty.
 /// `e` and its causes, `: `-joined: HTTP clients put the telling part (a
 /// refused connection, a certificate that does not verify) in a source,
 /// while their own message is only "error sending request for url (...)".
@@ -93,6 +92,7 @@ pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// `" (detail)"`, or nothing when `detail` is empty.
 fn in_parens(detail: &str) -> String {
     if detail.is_empty() {
         String::new()

@@ -12,10 +12,11 @@
 //!
 //! Modules: [`reference`] (normalisation), `registry` (oci-client wrapper,
 //! mirrors and fallback between endpoints, auth; `registry/errors`),
-//! `oauth` (identity-token exchange), `content` (blob store and the
-//! blocking-pool blob writer), [`unpack`] (tar -> layer dir), `meta` (redb),
-//! `tls` (extra CA certificates per endpoint), `pull` (one pull), `dedup` (shared in-flight pulls), `store` (shared
-//! state), `gc` (garbage collection), `usage` (cached disk usage).
+//! `oauth` (identity-token exchange), `tls` (extra CA certificates per
+//! endpoint), `content` (blob store and the blocking-pool blob writer),
+//! [`unpack`] (tar -> layer dir), `meta` (redb), `pull` (one pull), `dedup`
+//! (shared in-flight pulls), `store` (shared state), `gc` (garbage
+//! collection), `usage` (cached disk usage).
 
 mod content;
 mod dedup;

@@ -216,7 +216,7 @@ async fn creds_for(
 /// One endpoint's client: the reference as that endpoint sees it (mirrors
 /// get the original host only as `?ns=`), authenticated on first use.
 struct Conn {
-    /// Replaced by [`Conn::authenticate`]: oci-client keeps the first
+    /// Replaced by [`Conn::renew`]: oci-client keeps the first
     /// credentials it was given for a host, so a renewed access token needs
     /// a fresh client.
     client: std::sync::Mutex<Client>,
@@ -262,18 +262,23 @@ impl Conn {
     /// not remembered, so a later call tries again.
     async fn auth(&self, shown: &str, creds: &Creds) -> Result<()> {
         self.authed
-            .get_or_try_init(|| self.authenticate(shown, creds))
+            .get_or_try_init(|| self.authenticate(self.client(), shown, creds))
             .await
             .map(|_| ())
     }
 
-    /// Fetch a token now (credentials exchanged again for an identity
-    /// token), replacing the one the client holds.
-    async fn authenticate(&self, shown: &str, creds: &Creds) -> Result<()> {
+    /// Authenticate again on a fresh client (credentials exchanged again
+    /// for an identity token), which then replaces the current one.
+    async fn renew(&self, shown: &str, creds: &Creds) -> Result<()> {
+        let fresh = new_client(&self.endpoint, &self.reference);
+        self.authenticate(fresh, shown, creds).await
+    }
+
+    /// Fetch a token with `client` and make it this endpoint's client.
+    async fn authenticate(&self, client: Client, shown: &str, creds: &Creds) -> Result<()> {
         let ep = &self.endpoint;
         let r = &self.reference;
         let c = creds_for(shown, ep, r.resolve_registry(), r.repository(), creds).await?;
-        let client = new_client(ep, r);
         client
             .auth(r, &c, RegistryOperation::Pull)
             .await
@@ -409,7 +414,7 @@ impl Remote {
                 if accepted_before && !abort.load(Ordering::Relaxed) =>
             {
                 info!(image = %self.shown, endpoint = %c.endpoint.host, %reason, "token refused mid-pull; authenticating again");
-                c.authenticate(&self.shown, &self.creds).await?;
+                c.renew(&self.shown, &self.creds).await?;
                 op().await
             }
             r => r,
